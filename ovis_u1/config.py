@@ -1,0 +1,217 @@
+"""Typed configs for every Ovis-U1 component, composed into one model config, plus named presets.
+
+Presets are data: a preset name maps to a full `OvisU1Config`; nothing is ever inferred from tensor
+shapes. Values the facts sheet marks *unverified* are ordinary fields so a checkpoint can override them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """AIMv2-style ViT at native resolution (visual_tokenizer.backbone)."""
+
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 8
+    intermediate_size: int = 2816
+    pos_grid: int = 32  # learned position table is pos_grid x pos_grid (448 px / 14)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    use_bias: bool = False  # bias of attention proj and MLP linears
+    window_size: int = 112  # pixels; only used when use_window_attention
+    use_window_attention: bool = False
+    fullatt_blocks: tuple[int, ...] = ()  # blocks that attend fully when windows are on
+
+
+@dataclass
+class AdapterConfig:
+    """Visual tokenizer head: 2x2 merge -> Linear -> LayerNorm -> softmax over V visual words."""
+
+    vocab_size: int = 65536  # V (*unverified*: class default 16384, published totals need 65536)
+    hidden_stride: int = 2
+    tokenize_function: str = "softmax"
+    num_indicators: int = 4  # reserved zero-probability columns for the image indicator ids
+    # Image processing bounds (smart_resize) and normalisation belong to the visual tokenizer.
+    min_pixels: int = 448 * 448
+    max_pixels: int = 1792 * 1792
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class LLMConfig:
+    """Qwen3 decoder; field names are those of transformers' Qwen3Config."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+
+
+@dataclass
+class RefinerConfig:
+    """Bidirectional token refiner (visual_generator.backbone.txt_in)."""
+
+    in_dim: int = 4096  # = 2 x LLM hidden (last two hidden layers concatenated)
+    hidden_size: int = 1536
+    num_heads: int = 24
+    depth: int = 2
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+
+@dataclass
+class DecoderConfig:
+    """MMDiT-X visual decoder (visual_generator.backbone); names follow the published 'yak' config."""
+
+    in_channels: int = 64  # 16 latent channels packed 2x2
+    out_channels: int = 64
+    hidden_size: int = 1536
+    num_heads: int = 12
+    depth: int = 6  # double-stream blocks
+    depth_single_blocks: int = 12
+    mlp_ratio: float = 4.0
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10000
+    qkv_bias: bool = True
+    vec_in_dim: int = 1536  # the refiner's CLS output width
+    context_in_dim: int = 4096
+    time_embed_dim: int = 256
+
+
+@dataclass
+class VAEConfig:
+    """diffusers AutoencoderKL (frozen). Owns its latent shift/scale."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611  # *unverified* which VAE: FLUX-style 16-channel values
+    shift_factor: float = 0.1159
+    mid_block_add_attention: bool = True
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling and decoding defaults the API falls back on when the caller leaves them out."""
+
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0  # text-to-image txt_cfg
+    edit_guidance_scale: float = 6.0  # editing txt_cfg
+    image_guidance_scale: float = 1.5  # editing img_cfg
+    use_time_shift: bool = True  # FLUX resolution-dependent shift (*unverified* whether on)
+    size_multiple: int = 32
+    min_side: int = 256
+    max_side: int = 2048
+    edit_max_pixels: int = 1024 * 1024
+    blank_image_max_pixels: int = 448 * 448  # T2I blank image through the ViT
+    max_new_tokens: int = 512
+    multimodal_max_length: int = 2048  # prompt tokens before truncation (with a warning)
+    # Fast-mode settings (opt-in): first-block cache threshold, guidance interval, steps.
+    fast_cache_threshold: float = 0.08
+    fast_guidance_interval: tuple[float, float] = (0.1, 0.9)
+    fast_num_inference_steps: int = 25
+
+
+@dataclass
+class OvisU1Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    preset: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OvisU1Config:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            if f.name == "preset":
+                kwargs[f.name] = d[f.name]
+                continue
+            sub_cls = type(f.default_factory())  # type: ignore[misc]
+            kwargs[f.name] = _build(sub_cls, d[f.name], f.name)
+        return cls(**kwargs)
+
+
+def _build(sub_cls: type, values: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(sub_cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} config fields {unknown}; known: {sorted(known)}")
+    out = {}
+    for k, v in values.items():
+        default = known[k].default
+        out[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
+    return sub_cls(**out)
+
+
+def _tiny() -> OvisU1Config:
+    return OvisU1Config(
+        vision=VisionConfig(patch_size=8, hidden_size=64, num_layers=2, num_heads=4,
+                            intermediate_size=128, pos_grid=8),
+        adapter=AdapterConfig(vocab_size=256, min_pixels=32 * 32, max_pixels=128 * 128),
+        llm=LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=1024, rope_theta=10000.0),
+        refiner=RefinerConfig(in_dim=128, hidden_size=64, num_heads=4, depth=2),
+        decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=64, num_heads=4, depth=1,
+                              depth_single_blocks=1, axes_dim=(4, 6, 6), vec_in_dim=64,
+                              context_in_dim=128),
+        vae=VAEConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                      norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0,
+                      mid_block_add_attention=False),
+        generation=GenerationConfig(height=64, width=64, num_inference_steps=4, min_side=32,
+                                    max_side=256, edit_max_pixels=128 * 128,
+                                    blank_image_max_pixels=64 * 64, max_new_tokens=16,
+                                    multimodal_max_length=256, size_multiple=16,
+                                    fast_num_inference_steps=2),
+        preset="tiny",
+    )
+
+
+PRESETS = {
+    "ovis-u1-3b": lambda: OvisU1Config(preset="ovis-u1-3b"),
+    "tiny": _tiny,
+}
+
+
+def get_preset(name: str) -> OvisU1Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())
