@@ -1,0 +1,307 @@
+"""MMDiT-X visual decoder (published prefix `visual_generator.backbone.`, minus `txt_in`: the refiner).
+
+A FLUX-style double/single-stream DiT whose double blocks add SD3.5's image-only self-attention.
+The latent token layout (2x2 packing, 3-axis position ids) lives here because it is the decoder's.
+
+Axes: B batch, L sequence, H heads, D head dim, K q/k/v, C channels, h/w packed-token grid, p 2x2 patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from .config import DecoderConfig
+from .layers import EmbedND, MLPEmbedder, Modulation, QKNorm, attention, attention_weights, timestep_embedding
+
+# ---------------------------------------------------------------------------------------------------
+# Token layout
+# ---------------------------------------------------------------------------------------------------
+
+def _check_even(h: int, w: int) -> None:
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even for 2x2 packing, got {h}x{w}")
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """[B, C, H, W] VAE latents -> [B, (H/2)(W/2), C*4] tokens, row-major over the packed grid."""
+    _check_even(latents.shape[-2], latents.shape[-1])
+    return rearrange(latents, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=2, pw=2)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of pack_latents; h, w are the latent (unpacked) height and width."""
+    _check_even(h, w)
+    return rearrange(tokens, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h // 2, w=w // 2, ph=2, pw=2)
+
+
+def latent_ids(batch: int, h: int, w: int, index: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """Position ids [B, (h/2)(w/2), 3] = (index, row, col) in packed-token units; index 1 marks a reference."""
+    _check_even(h, w)
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+    return repeat(ids, "h w K -> B (h w) K", B=batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    # No affine: adaLN supplies the shift and scale.
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def _mlp(dim: int, mlp_hidden: int) -> nn.Sequential:
+    # Sequential so the checkpoint names are `.0` and `.2`.
+    return nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, dim))
+
+
+class SelfAttention(nn.Module):
+    """qkv projection + QK RMSNorm + output projection; the attention itself is done by the caller."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights per stream, joint attention over [txt, img], plus image-only self-attention."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        mlp_hidden = int(hidden * mlp_ratio)
+        # SD3.5 MMDiT-X order: (joint attn, MLP, image self-attn) triples.
+        self.img_mod = Modulation(hidden, 9)
+        self.img_norm1 = _layer_norm(hidden)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.img_self_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.img_norm2 = _layer_norm(hidden)
+        self.img_mlp = _mlp(hidden, mlp_hidden)
+
+        self.txt_mod = Modulation(hidden, 6)
+        self.txt_norm1 = _layer_norm(hidden)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.txt_norm2 = _layer_norm(hidden)
+        self.txt_mlp = _mlp(hidden, mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None,
+                attention_record: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        img_attn_mod, img_mlp_mod, img_self_mod = self.img_mod(vec)
+        txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
+        n_txt = txt.shape[1]
+
+        img_normed = self.img_norm1(img)  # shared by both image attentions, as in MMDiT-X
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_attn_mod.modulate(img_normed))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_attn_mod.modulate(self.txt_norm1(txt)))
+
+        # Joint attention: text first, then image, along L.
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        if attention_record is not None:
+            attention_record.append(attention_weights(q, k, pe, mask).mean(dim=1).detach())  # [B, L, L]
+        joint = attention(q, k, v, pe, mask)  # [B, L, C]
+        txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
+
+        # Image-only self-attention with the image positions (text never padded into it, so no mask).
+        sq, sk, sv = self.img_self_attn.qkv_heads(img_self_mod.modulate(img_normed))
+        self_out = attention(sq, sk, sv, pe[:, :, n_txt:])
+
+        img = img + img_attn_mod.gate * self.img_attn.proj(img_out)
+        img = img + img_self_mod.gate * self.img_self_attn.proj(self_out)
+        img = img + img_mlp_mod.gate * self.img_mlp(img_mlp_mod.modulate(self.img_norm2(img)))
+
+        txt = txt + txt_attn_mod.gate * self.txt_attn.proj(txt_out)
+        txt = txt + txt_mlp_mod.gate * self.txt_mlp(txt_mlp_mod.modulate(self.txt_norm2(txt)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """FLUX single block: one fused Linear for qkv + MLP-in, attention and MLP in parallel, one Linear out."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.hidden = hidden
+        self.num_heads = num_heads
+        self.mlp_hidden = int(hidden * mlp_ratio)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + self.mlp_hidden)
+        self.linear2 = nn.Linear(hidden + self.mlp_hidden, hidden)
+        self.norm = QKNorm(hidden // num_heads)
+        self.pre_norm = _layer_norm(hidden)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden, 3)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        (mod,) = self.modulation(vec)
+        qkv, mlp_in = torch.split(self.linear1(mod.modulate(self.pre_norm(x))),
+                                  [3 * self.hidden, self.mlp_hidden], dim=-1)
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat([attention(q, k, v, pe, mask), self.mlp_act(mlp_in)], dim=-1))
+        return x + mod.gate * out
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm_final = _layer_norm(hidden)
+        self.linear = nn.Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # each [B, 1, C]
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+# ---------------------------------------------------------------------------------------------------
+# First-block cache (fast sampling)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class FirstBlockCache:
+    """Skip all blocks after the first when the first block's image residual barely changed.
+
+    The change is mean|r - r_ref| / mean|r_ref|, with r the first double block's image-stream residual
+    (output - input) and r_ref the one stored at the last *full* computation (as in diffusers): comparing
+    against the last full step, not the last call, bounds the drift that consecutive skips can build up.
+    Use one cache per guidance branch (or batch the branches), since their residuals differ.
+    """
+
+    threshold: float
+    hits: int = 0
+    calls: int = 0
+    _first_residual: Tensor | None = field(default=None, repr=False)
+    _remaining_residual: Tensor | None = field(default=None, repr=False)
+
+    def reset(self) -> None:
+        self.hits = self.calls = 0
+        self._first_residual = self._remaining_residual = None
+
+    def should_skip(self, first_residual: Tensor) -> bool:
+        self.calls += 1
+        prev = self._first_residual
+        if prev is not None and prev.shape != first_residual.shape:
+            # A new batch shape means a new sampling run: the stored residuals no longer apply.
+            self._first_residual = self._remaining_residual = prev = None
+        if prev is None or self._remaining_residual is None:
+            return False
+        change = (first_residual.float() - prev.float()).abs().mean() / prev.float().abs().mean().clamp_min(1e-12)
+        hit = bool(change < self.threshold)
+        self.hits += int(hit)
+        return hit
+
+    @property
+    def remaining_residual(self) -> Tensor:
+        assert self._remaining_residual is not None
+        return self._remaining_residual
+
+    def store(self, first_residual: Tensor, remaining_residual: Tensor) -> None:
+        # Detached: the cache is a sampling device and must not keep autograd graphs alive.
+        self._first_residual = first_residual.detach()
+        self._remaining_residual = remaining_residual.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------------
+
+class VisualDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"decoder hidden_size {cfg.hidden_size} not divisible by {cfg.num_heads} heads")
+        self.cfg = cfg
+        hidden = cfg.hidden_size
+        self.pe_embedder = EmbedND(hidden // cfg.num_heads, cfg.theta, cfg.axes_dim)
+        self.img_in = nn.Linear(cfg.in_channels, hidden)
+        self.time_in = MLPEmbedder(cfg.time_embed_dim, hidden)
+        self.vector_in = MLPEmbedder(cfg.vec_in_dim, hidden)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single_blocks)
+        )
+        self.final_layer = FinalLayer(hidden, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                # Xavier for every projection (DiT); zero biases so the only offsets come from adaLN.
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Timestep and CLS embedders: small normal weights (DiT) so vec starts near zero and grows in training.
+        for embedder in (self.time_in, self.vector_in):
+            nn.init.normal_(embedder.in_layer.weight, std=0.02)
+            nn.init.normal_(embedder.out_layer.weight, std=0.02)
+        # adaLN-Zero: zero modulation makes every block the identity at init (DiT's best-performing choice).
+        for block in self.double_blocks:
+            for mod in (block.img_mod, block.txt_mod):
+                nn.init.zeros_(mod.lin.weight)
+                nn.init.zeros_(mod.lin.bias)
+        for block in self.single_blocks:
+            nn.init.zeros_(block.modulation.lin.weight)
+            nn.init.zeros_(block.modulation.lin.bias)
+        # Zero final adaLN and output projection: the untrained decoder predicts zero velocity.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                y: Tensor, txt_mask: Tensor | None = None, ref: Tensor | None = None,
+                ref_ids: Tensor | None = None, cache: FirstBlockCache | None = None,
+                attention_record: list[Tensor] | None = None) -> Tensor:
+        """Velocity for the target tokens [B, L_img, out_channels].
+
+        img [B, L_img, in_channels], img_ids [B, L_img, 3]; txt [B, L_txt, hidden] (refiner tokens),
+        txt_ids [B, L_txt, 3]; timesteps [B] in [0, 1]; y [B, vec_in_dim] (refiner CLS);
+        txt_mask [B, L_txt] bool (True = real); ref/ref_ids: reference latents appended after the target.
+        """
+        n_img, n_txt = img.shape[1], txt.shape[1]
+        if (ref is None) != (ref_ids is None):
+            raise ValueError("ref and ref_ids must be given together")
+        if ref is not None:
+            img, img_ids = torch.cat([img, ref], dim=1), torch.cat([img_ids, ref_ids], dim=1)
+        if cache is not None and not self.double_blocks:
+            raise ValueError("FirstBlockCache needs at least one double block")
+
+        x = self.img_in(img)  # [B, L_img(+L_ref), C]
+        vec = self.time_in(timestep_embedding(timesteps, self.cfg.time_embed_dim).to(x.dtype))
+        vec = vec + self.vector_in(y)  # [B, C]
+        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))  # [B, 1, L_txt + L_x, D/2, 2, 2]
+        mask = None
+        if txt_mask is not None:
+            # Image (and reference) keys are always real.
+            img_keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask = torch.cat([txt_mask.bool(), img_keep], dim=1)
+
+        for i, block in enumerate(self.double_blocks):
+            x_in = x
+            x, txt = block(x, txt, vec, pe, mask, attention_record)
+            if i == 0 and cache is not None:
+                first_out, first_residual = x, x - x_in
+                if cache.should_skip(first_residual):
+                    return self.final_layer(first_out + cache.remaining_residual.to(x.dtype), vec)[:, :n_img]
+
+        seq = torch.cat([txt, x], dim=1)  # [B, L_txt + L_x, C]
+        for block in self.single_blocks:
+            seq = block(seq, vec, pe, mask)
+        x = seq[:, n_txt:]
+
+        if cache is not None:
+            cache.store(first_residual, x - first_out)
+        return self.final_layer(x, vec)[:, :n_img]
