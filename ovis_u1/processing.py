@@ -1,0 +1,447 @@
+"""Everything between user inputs and model tensors: images -> patches, prompts -> ids, batches -> padding.
+
+The model's forward only sees tensors; this module owns loading and normalising images, the Qwen2-VL
+`smart_resize`, the merge-group patch layout, the Qwen3 chat templates, placeholder expansion,
+truncation, training labels and padding. One function per concern; `prepare_inputs` chains them.
+
+Axis letters in einops strings: c channel, gh/gw merge-group rows/cols, s1/s2 position inside a
+hidden_stride x hidden_stride group, p1/p2 pixel inside a patch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from .config import OvisU1Config
+
+# Reserved ids of the published code. They are negative so they can never collide with a vocab id; the
+# model swaps them for visual/indicator embeddings before the embedding lookup.
+IGNORE_ID = -100
+IMAGE_TOKEN_ID = -200
+VIDEO_TOKEN_ID = -201
+VISUAL_ATOM_ID = -300
+INDICATOR_IDS = (-301, -302, -303, -304)
+IMAGE_PLACEHOLDER = "<image>"
+
+T2I_PREFIX = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:"
+)
+UNCOND_TEXT = "Generate an image."
+
+MAX_ASPECT_RATIO = 200
+
+# --------------------------------------------------------------------------------------------------
+# Images in
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageInputError(ValueError):
+    """An image could not be used: missing, empty, corrupt, too large, zero-size or of an unknown type."""
+
+
+ImageSource = str | os.PathLike | bytes | bytearray | io.IOBase | Image.Image | np.ndarray
+
+_ALLOWED_SOURCES = "a path, raw bytes, a binary file object, a PIL image or an HxW / HxWx3 uint8 numpy array"
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_DIRECT_MODES = ("1", "L", "CMYK", "YCbCr", "RGBX", "HSV")
+
+
+def load_image(src: ImageSource, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open `src` as a fully decoded, EXIF-oriented RGB image, or raise `ImageInputError` saying why."""
+    if isinstance(src, Image.Image):
+        image, what = src, "PIL image"
+    elif isinstance(src, np.ndarray):
+        image, what = _from_array(src), "numpy array"
+    else:
+        data, what = _read_bytes(src)
+        image = _open_bytes(data, what, max_pixels)
+    w, h = image.size
+    if w == 0 or h == 0:
+        raise ImageInputError(f"{what} has zero size ({w}x{h}); images need at least 1x1 pixels")
+    if w * h > max_pixels:
+        raise ImageInputError(_too_large(what, w, h, max_pixels))
+    try:
+        image.load()  # decode everything now: truncated files fail here, not deep inside preprocessing
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError(f"{what} could not be decoded ({e}); it is corrupt or truncated") from e
+    return _to_rgb(image, what)
+
+
+def _read_bytes(src: Any) -> tuple[bytes, str]:
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ImageInputError(f"image file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ImageInputError(f"image path {str(path)!r} is not a regular file")
+        return path.read_bytes(), f"image file {str(path)!r}"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src), "image bytes"
+    if hasattr(src, "read"):
+        data = src.read()
+        if not isinstance(data, bytes):
+            raise ImageInputError("file object returned text; open image files in binary mode ('rb')")
+        return data, "image file object"
+    raise ImageInputError(f"unsupported image type {type(src).__name__}; pass {_ALLOWED_SOURCES}")
+
+
+def _open_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    if len(data) == 0:
+        raise ImageInputError(f"{what} is empty (0 bytes)")
+    try:
+        # PIL's own bomb guard: a warning above Image.MAX_IMAGE_PIXELS (made an error here), an error above
+        # twice that. Both fire in open(), from the header, before any pixel is decoded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageInputError(f"{what} is a suspected decompression bomb ({e}); images may have at most "
+                              f"max_pixels={max_pixels} pixels (and PIL's Image.MAX_IMAGE_PIXELS)") from e
+    except UnidentifiedImageError as e:
+        raise ImageInputError(f"{what} is not a readable image (unknown format or corrupt header)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError(f"{what} could not be opened ({e}); it is corrupt or truncated") from e
+    w, h = image.size  # header only: reject huge images before decoding them
+    if w * h > max_pixels:
+        raise ImageInputError(_too_large(what, w, h, max_pixels))
+    return image
+
+
+def _too_large(what: str, w: int, h: int, max_pixels: int) -> str:
+    return (f"{what} is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
+            "(possible decompression bomb); downscale it or raise max_pixels")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    ok_shape = a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))
+    if a.dtype != np.uint8 or not ok_shape:
+        raise ImageInputError(f"numpy image must be uint8 with shape HxW, HxWx3 or HxWx4; got {a.dtype} "
+                              f"{tuple(a.shape)}")
+    if a.size == 0:
+        raise ImageInputError(f"numpy array has zero size {tuple(a.shape)}; images need at least 1x1 pixels")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _to_rgb(image: Image.Image, what: str) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" not in image.info:
+        return image.convert("RGB")
+    if mode in _ALPHA_MODES or mode == "P":  # palette transparency lives in `info`; RGBA honours it
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")  # transparent pixels become white
+    if mode in _SIXTEEN_BIT_MODES:
+        # 16-bit data (I;16*, and I, which is how PIL opens many 16-bit PNG/TIFF files): 65535 -> 255.
+        a = np.asarray(image).astype(np.float64)
+        return _gray_to_rgb(np.clip(a, 0, 65535) / 257.0)
+    if mode == "F":
+        # Float images: [0, 1] data (the usual convention) is scaled, anything else read as 0..255.
+        a = np.asarray(image).astype(np.float64)
+        return _gray_to_rgb(np.clip(a * 255.0 if np.nanmax(a) <= 1.0 else a, 0, 255))
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB")
+    raise ImageInputError(f"{what} has unsupported mode {mode!r}; supported: RGB, P, {', '.join(_ALPHA_MODES)}, "
+                          f"{', '.join(_SIXTEEN_BIT_MODES)}, F, {', '.join(_DIRECT_MODES)}")
+
+
+def _gray_to_rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.nan_to_num(np.rint(a)).astype(np.uint8), mode="L").convert("RGB")
+
+
+def blank_image(height: int, width: int, max_pixels: int) -> Image.Image:
+    """White RGB image with the aspect ratio of height x width, scaled down to at most max_pixels.
+
+    Text-to-image always sends such an image through the ViT, so the generation prompt keeps its
+    `<image>` slot; only its aspect ratio carries information.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"blank image size must be positive, got {height}x{width}")
+    if height * width > max_pixels:
+        scale = math.sqrt(max_pixels / (height * width))
+        height, width = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    return Image.new("RGB", (width, height), (255, 255, 255))
+
+
+# --------------------------------------------------------------------------------------------------
+# Images -> patches
+# --------------------------------------------------------------------------------------------------
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 448 * 448,
+                 max_pixels: int = 1792 * 1792) -> tuple[int, int]:
+    """Qwen2-VL resize target: sides divisible by `factor`, pixels in [min, max], aspect ratio kept."""
+    if height <= 0 or width <= 0:
+        raise ImageInputError(f"image size must be positive, got {height}x{width}")
+    if min_pixels > max_pixels or max_pixels < factor * factor:
+        raise ValueError(f"need factor^2 <= max_pixels and min_pixels <= max_pixels; got factor={factor}, "
+                         f"min_pixels={min_pixels}, max_pixels={max_pixels}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageInputError(f"aspect ratio of {height}x{width} is "
+                              f"{max(height, width) / min(height, width):.1f}; at most {MAX_ASPECT_RATIO} "
+                              "is supported, crop or pad the image")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def merge_group_order(h: int, w: int, hidden_stride: int) -> torch.Tensor:
+    """Permutation `order` with `rowmajor[order] == merge-group order` for an h x w patch grid.
+
+    Entry i is the row-major index of the patch at merge-group position i; the vision encoder indexes its
+    row-major position table with it.
+    """
+    if h % hidden_stride or w % hidden_stride:
+        raise ValueError(f"patch grid {h}x{w} is not divisible by hidden_stride={hidden_stride}")
+    index = torch.arange(h * w).reshape(h, w)
+    return rearrange(index, "(gh s1) (gw s2) -> (gh gw s1 s2)", s1=hidden_stride, s2=hidden_stride)
+
+
+def preprocess_image(image: Image.Image, patch_size: int, hidden_stride: int, min_pixels: int,
+                     max_pixels: int, mean: Sequence[float], std: Sequence[float]
+                     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """RGB image -> (patches [N, 3, patch, patch] in merge-group order, grid_thw (1, h, w) in patches)."""
+    if image.mode != "RGB":
+        raise ImageInputError(f"preprocess_image expects an RGB image (use load_image); got mode {image.mode!r}")
+    factor = patch_size * hidden_stride
+    height, width = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    resized = image.resize((width, height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # rescale to [0, 1]
+    pixels = (pixels - torch.tensor(mean)) / torch.tensor(std)  # CLIP normalisation, no centre crop
+    patches = rearrange(pixels, "(gh s1 p1) (gw s2 p2) c -> (gh gw s1 s2) c p1 p2",
+                        s1=hidden_stride, s2=hidden_stride, p1=patch_size, p2=patch_size)
+    return patches.contiguous(), (1, height // patch_size, width // patch_size)
+
+
+def patches_to_image(patches: torch.Tensor, grid_thw: Sequence[int], mean: Sequence[float],
+                     std: Sequence[float], hidden_stride: int = 2) -> torch.Tensor:
+    """Inverse of `preprocess_image`: merge-group patches -> [3, H, W] pixels in [0, 1] (un-normalised)."""
+    t, h, w = grid_thw
+    if t != 1 or patches.shape[0] != h * w:
+        raise ValueError(f"{patches.shape[0]} patches do not fit grid_thw {tuple(grid_thw)}")
+    pixels = rearrange(patches, "(gh gw s1 s2) c p1 p2 -> c (gh s1 p1) (gw s2 p2)",
+                       gh=h // hidden_stride, gw=w // hidden_stride, s1=hidden_stride, s2=hidden_stride)
+    return pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+
+
+def num_visual_tokens(grid_thw: Sequence[int], hidden_stride: int) -> int:
+    """Visual tokens the adapter emits for one image: one per hidden_stride x hidden_stride group."""
+    t, h, w = grid_thw
+    return t * h * w // (hidden_stride * hidden_stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts (Qwen3 chat template)
+# --------------------------------------------------------------------------------------------------
+
+
+def understanding_prompt(question: str, num_images: int, enable_thinking: bool = False) -> str:
+    """User turn with the images, then the assistant header (with an empty think block if thinking is off)."""
+    found = question.count(IMAGE_PLACEHOLDER)
+    if found:
+        if found != num_images:
+            raise ValueError(f"question has {found} {IMAGE_PLACEHOLDER} placeholders but {num_images} images "
+                             "were given")
+        content = question
+    elif num_images == 1:
+        content = f"{IMAGE_PLACEHOLDER}\n{question}"
+    else:
+        content = "".join(f"Image {i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + question
+    prompt = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    return prompt if enable_thinking else prompt + "<think>\n\n</think>\n\n"
+
+
+def generation_prompt(text: str) -> str:
+    """Generation condition prompt: the user turn only (no assistant header), always with one image."""
+    if IMAGE_PLACEHOLDER in text:
+        raise ValueError(f"generation text must not contain {IMAGE_PLACEHOLDER}: the prompt adds its single "
+                         "image slot itself")
+    return f"<|im_start|>user\n{IMAGE_PLACEHOLDER}\n{text}<|im_end|>\n"
+
+
+def t2i_prompts(prompt: str) -> tuple[str, str]:
+    """(conditional, unconditional) text-to-image prompts, both used with a blank white image."""
+    # The facts sheet gives "T2I_PREFIX + prompt"; the prefix ends in ':' and we join with one space
+    # (the exact published spacing is unverified).
+    return generation_prompt(f"{T2I_PREFIX} {prompt.strip()}"), generation_prompt(UNCOND_TEXT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts -> ids
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenize_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with each `<image>` mapped to IMAGE_TOKEN_ID; special tokens stay single ids."""
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            ids.append(IMAGE_TOKEN_ID)
+        if piece:
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+    return ids
+
+
+def expand_image_tokens(ids: Sequence[int], num_visual_tokens: Sequence[int]) -> list[int]:
+    """Replace the k-th IMAGE_TOKEN_ID by [indicator_0, atom * n_k, indicator_1]."""
+    found = sum(1 for i in ids if i == IMAGE_TOKEN_ID)
+    if found != len(num_visual_tokens):
+        raise ValueError(f"prompt has {found} image placeholders but {len(num_visual_tokens)} images were given")
+    out: list[int] = []
+    images = iter(num_visual_tokens)
+    for i in ids:
+        if i == IMAGE_TOKEN_ID:
+            out += [INDICATOR_IDS[0], *[VISUAL_ATOM_ID] * next(images), INDICATOR_IDS[1]]
+        else:
+            out.append(i)
+    return out
+
+
+def _kept_positions(ids: Sequence[int], max_length: int) -> list[int]:
+    """Positions kept when fitting `ids` into max_length: every image token plus the earliest text tokens.
+
+    Image tokens (all negative ids) are never dropped, so an image span is never cut and the number of
+    images still matches the pixel inputs; text is dropped from the end. If the images sit before the cut
+    (the usual layout) this is exactly `ids[:max_length]`.
+    """
+    if len(ids) <= max_length:
+        return list(range(len(ids)))
+    n_image = sum(1 for i in ids if i < 0)
+    if n_image > max_length:
+        raise ValueError(f"image tokens alone ({n_image}) exceed max_length={max_length}; use fewer or smaller "
+                         "images, or raise max_length")
+    text_budget = max_length - n_image
+    kept = []
+    for pos, i in enumerate(ids):
+        if i < 0:
+            kept.append(pos)
+        elif text_budget > 0:
+            kept.append(pos)
+            text_budget -= 1
+    warnings.warn(f"prompt of {len(ids)} tokens truncated to {max_length}: {len(ids) - max_length} text tokens "
+                  "dropped from the end", stacklevel=3)
+    return kept
+
+
+def truncate(ids: Sequence[int], max_length: int) -> list[int]:
+    """Fit `ids` into max_length tokens, keeping the start and every image span (warns when it cuts)."""
+    return [ids[p] for p in _kept_positions(ids, max_length)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training labels
+# --------------------------------------------------------------------------------------------------
+
+
+def understanding_example(tokenizer: Any, question: str, answer: str, num_images: int,
+                          enable_thinking: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, labels) for one understanding turn; the loss sees only the answer and its `<|im_end|>`.
+
+    Ids still hold one IMAGE_TOKEN_ID per image; `expand_example` expands ids and labels together.
+    """
+    if IMAGE_PLACEHOLDER in answer:
+        raise ValueError(f"answers are text only; found {IMAGE_PLACEHOLDER} in the answer")
+    prompt = tokenize_prompt(tokenizer, understanding_prompt(question, num_images, enable_thinking))
+    # Tokenised separately so the label boundaries are exact token boundaries.
+    target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    tail = tokenizer.encode("\n", add_special_tokens=False)
+    return prompt + target + tail, [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
+
+
+def expand_example(ids: Sequence[int], labels: Sequence[int], num_visual_tokens: Sequence[int]
+                   ) -> tuple[list[int], list[int]]:
+    """`expand_image_tokens` for a training example; labels over the image spans are IGNORE_ID."""
+    expanded = expand_image_tokens(ids, num_visual_tokens)
+    out_labels: list[int] = []
+    images = iter(num_visual_tokens)
+    for i, label in zip(ids, labels, strict=True):
+        out_labels += [IGNORE_ID] * (next(images) + 2) if i == IMAGE_TOKEN_ID else [label]
+    return expanded, out_labels
+
+
+def truncate_example(ids: Sequence[int], labels: Sequence[int], max_length: int
+                     ) -> tuple[list[int], list[int]]:
+    """`truncate` for a training example: the same positions are kept in ids and labels."""
+    kept = _kept_positions(ids, max_length)
+    return [ids[p] for p in kept], [labels[p] for p in kept]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists to one [B, L] LongTensor plus its attention mask (1 = real token).
+
+    Negative placeholder ids are kept as they are: the model replaces them before the embedding lookup.
+    Left padding suits generation (all prompts end at the same column), right padding suits training.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not sequences:
+        raise ValueError("cannot pad an empty batch")
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        input_ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
+    return input_ids, mask
+
+
+@dataclass
+class ProcessedPrompt:
+    input_ids: torch.Tensor  # [B, L], placeholders as negative ids
+    attention_mask: torch.Tensor  # [B, L]
+    pixel_patches: list[torch.Tensor]  # one [N_i, 3, patch, patch] per image, batch order
+    grid_thws: list[tuple[int, int, int]]  # one (1, h, w) per image, in patches
+
+
+def prepare_inputs(tokenizer: Any, texts: Sequence[str], images_per_text: Sequence[Sequence[ImageSource]],
+                   cfg: OvisU1Config, pad_side: str = "left", max_length: int | None = None
+                   ) -> ProcessedPrompt:
+    """Templated prompts + their images -> padded model inputs (load, preprocess, tokenize, expand, pad)."""
+    if len(texts) != len(images_per_text):
+        raise ValueError(f"got {len(texts)} texts but {len(images_per_text)} image lists")
+    adapter, stride = cfg.adapter, cfg.adapter.hidden_stride
+    rows, patches, grids = [], [], []
+    for text, images in zip(texts, images_per_text, strict=True):
+        counts = []
+        for src in images:
+            p, grid = preprocess_image(load_image(src), cfg.vision.patch_size, stride, adapter.min_pixels,
+                                       adapter.max_pixels, adapter.image_mean, adapter.image_std)
+            patches.append(p)
+            grids.append(grid)
+            counts.append(num_visual_tokens(grid, stride))
+        ids = expand_image_tokens(tokenize_prompt(tokenizer, text), counts)
+        rows.append(ids if max_length is None else truncate(ids, max_length))
+    input_ids, mask = pad_batch(rows, tokenizer.pad_token_id, pad_side)
+    return ProcessedPrompt(input_ids, mask, patches, grids)

@@ -1,0 +1,361 @@
+"""Fast CPU tests for image loading/patching, prompts, ids, labels, padding and the tiny tokenizer."""
+
+import io
+import math
+import random
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+from PIL import Image
+
+from ovis_u1 import processing as P
+from ovis_u1.config import CLIP_MEAN, CLIP_STD, get_preset
+from ovis_u1.tokenizer import build_tokenizer, default_corpus, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(default_corpus())
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
+def _noise(h: int, w: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- smart_resize
+
+
+def test_smart_resize_properties():
+    rng = random.Random(0)
+    for _ in range(500):
+        height, width = rng.randint(1, 6000), rng.randint(1, 6000)
+        if max(height, width) / min(height, width) > 50:
+            continue
+        h, w = P.smart_resize(height, width)
+        assert h % 28 == 0 and w % 28 == 0
+        assert 448 * 448 <= h * w <= 1792 * 1792
+        # Each side moves by at most one factor step from the exact aspect-preserving size.
+        assert abs(math.log(h / w) - math.log(height / width)) <= math.log((min(h, w) + 28) / min(h, w)) * 2
+
+
+def test_smart_resize_known_values_and_errors():
+    assert P.smart_resize(448, 448) == (448, 448)
+    assert P.smart_resize(10, 10) == (448, 448)
+    assert P.smart_resize(3584, 3584) == (1792, 1792)
+    assert P.smart_resize(500, 1000) == (504, 1008)
+    with pytest.raises(P.ImageInputError, match="aspect ratio"):
+        P.smart_resize(10, 2500)
+    with pytest.raises(P.ImageInputError, match="positive"):
+        P.smart_resize(0, 10)
+
+
+# ---------------------------------------------------------------- patches
+
+
+def test_merge_group_order_small_grid():
+    order = P.merge_group_order(4, 4, 2)
+    assert order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    assert P.merge_group_order(2, 6, 2).tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+    assert sorted(P.merge_group_order(6, 8, 2).tolist()) == list(range(48))
+    with pytest.raises(ValueError, match="divisible"):
+        P.merge_group_order(3, 4, 2)
+
+
+def test_preprocess_layout_and_round_trip():
+    image = _noise(50, 90)
+    patches, grid = P.preprocess_image(image, 14, 2, 448 * 448, 1792 * 1792, CLIP_MEAN, CLIP_STD)
+    h, w = P.smart_resize(50, 90)
+    assert grid == (1, h // 14, w // 14)
+    assert patches.shape == (grid[1] * grid[2], 3, 14, 14) and patches.dtype == torch.float32
+
+    resized = image.resize((w, h), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    back = P.patches_to_image(patches, grid, CLIP_MEAN, CLIP_STD, hidden_stride=2)
+    torch.testing.assert_close(back, pixels, atol=1e-5, rtol=0)
+
+    # Merge-group order is the row-major patch list permuted by merge_group_order.
+    normed = (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    rowmajor = rearrange(normed, "c (h p1) (w p2) -> (h w) c p1 p2", p1=14, p2=14)
+    torch.testing.assert_close(patches, rowmajor[P.merge_group_order(grid[1], grid[2], 2)])
+    # Each 4 consecutive patches form one 2x2 group: patches 0..3 are the top-left 28x28 pixels.
+    torch.testing.assert_close(rearrange(patches[:4], "(s1 s2) c p1 p2 -> c (s1 p1) (s2 p2)", s1=2),
+                               normed[:, :28, :28])
+
+
+def test_blank_image():
+    img = P.blank_image(1024, 512, 448 * 448)
+    assert img.mode == "RGB" and img.width * img.height <= 448 * 448
+    assert abs(img.height / img.width - 2) < 0.01
+    assert np.asarray(img).min() == 255
+    assert P.blank_image(20, 30, 448 * 448).size == (30, 20)
+
+
+# ---------------------------------------------------------------- load_image errors
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(P.ImageInputError, match="does not exist"):
+        P.load_image(tmp_path / "nope.png")
+
+
+def test_empty_file_and_bytes(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(P.ImageInputError, match="0 bytes"):
+        P.load_image(empty)
+    with pytest.raises(P.ImageInputError, match="0 bytes"):
+        P.load_image(b"")
+
+
+def test_corrupt_bytes():
+    with pytest.raises(P.ImageInputError, match="not a readable image"):
+        P.load_image(b"this is not an image at all")
+
+
+def test_truncated_png(tmp_path):
+    data = _png_bytes(_noise(64, 64))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(P.ImageInputError, match="truncated"):
+        P.load_image(path)
+
+
+def test_decompression_bombs():
+    with pytest.raises(P.ImageInputError, match="max_pixels=64000000"):
+        P.load_image(_png_with_header(9000, 9000))  # 81 MP: caught by our header check
+    with pytest.raises(P.ImageInputError, match="decompression bomb"):
+        P.load_image(_png_with_header(100_000, 100_000))  # caught by PIL's own guard
+    with pytest.raises(P.ImageInputError, match="max_pixels=100"):
+        P.load_image(_png_bytes(_noise(20, 20)), max_pixels=100)
+    with pytest.raises(P.ImageInputError, match="max_pixels"):
+        P.load_image(_noise(20, 20), max_pixels=100)
+
+
+def test_zero_size_and_unsupported_types():
+    with pytest.raises(P.ImageInputError, match="zero size"):
+        P.load_image(Image.new("RGB", (0, 5)))
+    with pytest.raises(P.ImageInputError, match="zero size"):
+        P.load_image(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(P.ImageInputError, match="unsupported image type int"):
+        P.load_image(42)
+    with pytest.raises(P.ImageInputError, match="uint8"):
+        P.load_image(np.zeros((4, 4, 3), np.float32))
+
+
+# ---------------------------------------------------------------- load_image modes
+
+
+def test_sources_and_modes(tmp_path):
+    rgb = _noise(12, 20)
+    path = tmp_path / "a.png"
+    rgb.save(path)
+    for src in (path, str(path), path.read_bytes(), io.BytesIO(path.read_bytes()), rgb, np.asarray(rgb)):
+        out = P.load_image(src)
+        assert out.mode == "RGB" and out.size == (20, 12)
+        assert np.array_equal(np.asarray(out), np.asarray(rgb))
+
+    gray = np.arange(12 * 20, dtype=np.uint8).reshape(12, 20)
+    cases = {
+        "L": Image.fromarray(gray),
+        "LA": Image.fromarray(gray).convert("LA"),
+        "P": rgb.convert("P"),
+        "RGBA": rgb.convert("RGBA"),
+        "CMYK": rgb.convert("CMYK"),
+        "I;16": Image.fromarray(gray.astype(np.uint16) * 257),
+        "I": Image.fromarray(gray.astype(np.int32) * 257),
+        "F": Image.fromarray(gray.astype(np.float32) / 255.0),
+    }
+    for mode, image in cases.items():
+        assert image.mode == mode
+        out = P.load_image(image)
+        assert out.mode == "RGB" and out.size == (20, 12), mode
+        if mode in ("L", "I;16", "I", "F"):  # grey levels survive the 16-bit / float scaling exactly
+            assert np.array_equal(np.asarray(out)[..., 0], gray), mode
+    assert P.load_image(np.asarray(gray)).mode == "RGB"
+
+
+def test_alpha_composited_on_white_and_16bit_png(tmp_path):
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (255, 0, 0, 0))
+    out = P.load_image(rgba)
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (255, 0, 0)
+    assert P.load_image(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([10, 20, 30] * 256)
+    pal.info["transparency"] = 0
+    assert P.load_image(pal).getpixel((0, 0)) == (255, 255, 255)
+
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((3, 3), 257 * 128, np.uint16)).save(path)
+    assert P.load_image(path).getpixel((1, 1)) == (128, 128, 128)
+
+
+def test_exif_orientation_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    Image.new("RGB", (40, 20), (0, 128, 0)).save(path, exif=exif)
+    assert Image.open(path).size == (40, 20)
+    assert P.load_image(path).size == (20, 40)
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+def test_understanding_prompt_strings():
+    assert P.understanding_prompt("What is this?", 1) == (
+        "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert P.understanding_prompt("Compare.", 2, enable_thinking=True) == (
+        "<|im_start|>user\nImage 1: <image>\nImage 2: <image>\nCompare.<|im_end|>\n<|im_start|>assistant\n")
+    assert P.understanding_prompt("Hi", 0, enable_thinking=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert P.understanding_prompt("Is <image> like <image>?", 2).startswith(
+        "<|im_start|>user\nIs <image> like <image>?<|im_end|>")
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        P.understanding_prompt("<image> <image> what?", 1)
+
+
+def test_generation_prompts():
+    assert P.generation_prompt("a cat") == "<|im_start|>user\n<image>\na cat<|im_end|>\n"
+    cond, uncond = P.t2i_prompts("a red circle")
+    assert cond == f"<|im_start|>user\n<image>\n{P.T2I_PREFIX} a red circle<|im_end|>\n"
+    assert uncond == "<|im_start|>user\n<image>\nGenerate an image.<|im_end|>\n"
+    assert P.T2I_PREFIX.endswith("spatial relationships of the objects:")
+    with pytest.raises(ValueError, match="must not contain"):
+        P.generation_prompt("<image> a cat")
+
+
+# ---------------------------------------------------------------- ids
+
+
+def test_tokenize_prompt_placeholders_and_specials(tok):
+    ids = P.tokenize_prompt(tok, P.understanding_prompt("What color?", 2))
+    assert ids.count(P.IMAGE_TOKEN_ID) == 2
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids[0] == im_start and ids.count(im_end) == 1
+    text = tok.decode([i if i >= 0 else tok.encode("<image>", add_special_tokens=False)[0] for i in ids])
+    assert "What color?" in text
+
+
+def test_expand_image_tokens():
+    ids = [5, P.IMAGE_TOKEN_ID, 6, P.IMAGE_TOKEN_ID]
+    out = P.expand_image_tokens(ids, [2, 3])
+    a, o, c = P.VISUAL_ATOM_ID, P.INDICATOR_IDS[0], P.INDICATOR_IDS[1]
+    assert out == [5, o, a, a, c, 6, o, a, a, a, c]
+    with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
+        P.expand_image_tokens(ids, [4])
+    assert P.num_visual_tokens((1, 6, 8), 2) == 12
+
+
+def test_truncate():
+    ids = list(range(10))
+    assert P.truncate(ids, 20) == ids
+    with pytest.warns(UserWarning, match="truncated to 4"):
+        assert P.truncate(ids, 4) == [0, 1, 2, 3]
+    img = P.expand_image_tokens([1, P.IMAGE_TOKEN_ID, 2, 3, 4, 5], [4])  # image span of 6 at the front
+    with pytest.warns(UserWarning):
+        assert P.truncate(img, 8) == img[:8]
+    late = P.expand_image_tokens([1, 2, 3, 4, 5, P.IMAGE_TOKEN_ID, 6], [2])  # cut would land in the span
+    with pytest.warns(UserWarning):
+        out = P.truncate(late, 6)
+    assert out == [1, 2, P.INDICATOR_IDS[0], P.VISUAL_ATOM_ID, P.VISUAL_ATOM_ID, P.INDICATOR_IDS[1]]
+    with pytest.raises(ValueError, match=r"image tokens alone \(6\) exceed max_length=5"):
+        P.truncate(img, 5)
+
+
+def test_understanding_labels(tok):
+    ids, labels = P.understanding_example(tok, "What color is the circle?", "The circle is red.", 1)
+    assert len(ids) == len(labels)
+    kept = [i for i, lab in zip(ids, labels, strict=True) if lab != P.IGNORE_ID]
+    assert tok.decode(kept) == "The circle is red.<|im_end|>"
+    first = labels.index(next(lab for lab in labels if lab != P.IGNORE_ID))
+    assert all(lab == P.IGNORE_ID for lab in labels[:first])  # role header and empty think block masked
+    assert tok.decode([i for i in ids[:first] if i >= 0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert labels[-1] == P.IGNORE_ID and tok.decode(ids[-1:]) == "\n"  # newline after <|im_end|> masked
+    assert labels[first:-1] == ids[first:-1]
+
+    ex_ids, ex_labels = P.expand_example(ids, labels, [3])
+    assert len(ex_ids) == len(ex_labels) == len(ids) + 4
+    assert all(lab == P.IGNORE_ID for i, lab in zip(ex_ids, ex_labels, strict=True) if i < 0)
+    assert [lab for lab in ex_labels if lab != P.IGNORE_ID] == [lab for lab in labels if lab != P.IGNORE_ID]
+    with pytest.warns(UserWarning):
+        t_ids, t_labels = P.truncate_example(ex_ids, ex_labels, len(ex_ids) - 2)
+    assert t_ids == ex_ids[:-2] and t_labels == ex_labels[:-2]
+
+
+def test_pad_batch():
+    seqs = [[1, 2, 3], [P.IMAGE_TOKEN_ID]]
+    ids, mask = P.pad_batch(seqs, pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, P.IMAGE_TOKEN_ID]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = P.pad_batch(seqs, pad_id=P.IGNORE_ID, side="right")
+    assert ids.tolist() == [[1, 2, 3], [P.IMAGE_TOKEN_ID, P.IGNORE_ID, P.IGNORE_ID]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="side"):
+        P.pad_batch(seqs, 0, side="middle")
+
+
+def test_prepare_inputs_tiny(tok):
+    cfg = get_preset("tiny")
+    texts = [P.understanding_prompt("What is this?", 1), P.understanding_prompt("Compare.", 2)]
+    images = [[_noise(40, 60)], [_noise(100, 30, 1), P.blank_image(64, 64, 64 * 64)]]
+    batch = P.prepare_inputs(tok, texts, images, cfg, pad_side="left")
+    assert len(batch.pixel_patches) == len(batch.grid_thws) == 3
+    for patches, (t, h, w) in zip(batch.pixel_patches, batch.grid_thws, strict=True):
+        assert t == 1 and h % 2 == 0 and w % 2 == 0
+        assert patches.shape == (h * w, 3, 8, 8)
+        assert cfg.adapter.min_pixels <= h * w * 64 <= cfg.adapter.max_pixels
+    counts = [P.num_visual_tokens(g, 2) for g in batch.grid_thws]
+    atoms = (batch.input_ids == P.VISUAL_ATOM_ID).sum(1).tolist()
+    assert atoms == [counts[0], counts[1] + counts[2]]
+    assert batch.attention_mask[:, -1].tolist() == [1, 1]  # left padded
+    assert batch.input_ids[batch.attention_mask == 0].eq(tok.pad_token_id).all()
+    with pytest.raises(ValueError, match="1 image placeholders but 2 images"):
+        P.prepare_inputs(tok, texts[:1], [images[1]], cfg)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_build_save_reload(tmp_path):
+    start = time.perf_counter()
+    tok = build_tokenizer(default_corpus(), vocab_size=512)
+    assert time.perf_counter() - start < 2.0
+    assert len(tok) <= 512
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        assert len(tok.encode(special, add_special_tokens=False)) == 1, special
+    assert len(tok.encode("<image>", add_special_tokens=False)) > 1  # not a token
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    samples = [P.understanding_prompt("How many red circles?", 1), "naïve café ✓ 東京 😀", P.T2I_PREFIX]
+    for text in samples:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert again.encode(text, add_special_tokens=False) == ids
+        assert again.decode(ids) == text
+    assert again.pad_token_id == tok.pad_token_id and again.eos_token_id == tok.eos_token_id
+    with pytest.raises(ValueError, match="too small"):
+        build_tokenizer(["abc"], vocab_size=100)
