@@ -205,8 +205,59 @@ def _tiny() -> OvisU1Config:
     )
 
 
+def _shapes() -> OvisU1Config:
+    """The shipped default model: 64x64 shapes-world images, every component small (~7M parameters).
+
+    A 4x VAE with 4 latent channels gives 16x16 latents = 64 decoder tokens of 16 values, few enough
+    that velocity prediction is easy for a 192-wide decoder; 8 px ViT patches give 16 visual tokens.
+    """
+    return OvisU1Config(
+        vision=VisionConfig(patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
+                            intermediate_size=256, pos_grid=8),
+        adapter=AdapterConfig(vocab_size=512, min_pixels=32 * 32, max_pixels=128 * 128),
+        llm=LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=1024, rope_theta=10000.0),
+        refiner=RefinerConfig(in_dim=256, hidden_size=192, num_heads=4, depth=2),
+        decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=192, num_heads=4, depth=2,
+                              depth_single_blocks=3, axes_dim=(8, 20, 20), vec_in_dim=192,
+                              context_in_dim=256),
+        vae=VAEConfig(latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                      norm_num_groups=16, scaling_factor=1.0, shift_factor=0.0,
+                      mid_block_add_attention=False),
+        generation=GenerationConfig(height=64, width=64, num_inference_steps=30, guidance_scale=3.0,
+                                    edit_guidance_scale=3.0, image_guidance_scale=1.5, use_time_shift=False,
+                                    size_multiple=16, min_side=32, max_side=256, edit_max_pixels=64 * 64,
+                                    blank_image_max_pixels=32 * 32, max_new_tokens=24,
+                                    multimodal_max_length=256, fast_num_inference_steps=12),
+        preset="shapes",
+    )
+
+
+def _small() -> OvisU1Config:
+    """Between tiny and full size, so matrix work dominates a CPU benchmark (~90M parameters)."""
+    c = OvisU1Config(
+        vision=VisionConfig(patch_size=14, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704),
+        adapter=AdapterConfig(vocab_size=4096, min_pixels=224 * 224, max_pixels=448 * 448),
+        llm=LLMConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                      max_position_embeddings=4096),
+        refiner=RefinerConfig(in_dim=1024, hidden_size=512, num_heads=8, depth=2),
+        decoder=DecoderConfig(hidden_size=512, num_heads=4, depth=2, depth_single_blocks=4,
+                              axes_dim=(16, 56, 56), vec_in_dim=512, context_in_dim=1024),
+        vae=VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16),
+        generation=GenerationConfig(height=256, width=256, num_inference_steps=20, min_side=128, max_side=512,
+                                    edit_max_pixels=256 * 256, blank_image_max_pixels=224 * 224,
+                                    fast_num_inference_steps=10),
+        preset="small",
+    )
+    return c
+
+
 PRESETS = {
     "ovis-u1-3b": lambda: OvisU1Config(preset="ovis-u1-3b"),
+    "small": _small,
+    "shapes": _shapes,
     "tiny": _tiny,
 }
 

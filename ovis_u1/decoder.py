@@ -115,9 +115,9 @@ class DoubleStreamBlock(nn.Module):
         joint = attention(q, k, v, pe, mask)  # [B, L, C]
         txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
 
-        # Image-only self-attention with the image positions (text never padded into it, so no mask).
+        # Image-only self-attention with the image positions; only a hidden reference is ever masked here.
         sq, sk, sv = self.img_self_attn.qkv_heads(img_self_mod.modulate(img_normed))
-        self_out = attention(sq, sk, sv, pe[:, :, n_txt:])
+        self_out = attention(sq, sk, sv, pe[:, :, n_txt:], None if mask is None else mask[:, n_txt:])
 
         img = img + img_attn_mod.gate * self.img_attn.proj(img_out)
         img = img + img_self_mod.gate * self.img_self_attn.proj(self_out)
@@ -263,13 +263,16 @@ class VisualDecoder(nn.Module):
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y: Tensor, txt_mask: Tensor | None = None, ref: Tensor | None = None,
-                ref_ids: Tensor | None = None, cache: FirstBlockCache | None = None,
+                ref_ids: Tensor | None = None, ref_mask: Tensor | None = None,
+                cache: FirstBlockCache | None = None,
                 attention_record: list[Tensor] | None = None) -> Tensor:
         """Velocity for the target tokens [B, L_img, out_channels].
 
         img [B, L_img, in_channels], img_ids [B, L_img, 3]; txt [B, L_txt, hidden] (refiner tokens),
         txt_ids [B, L_txt, 3]; timesteps [B] in [0, 1]; y [B, vec_in_dim] (refiner CLS);
-        txt_mask [B, L_txt] bool (True = real); ref/ref_ids: reference latents appended after the target.
+        txt_mask [B, L_txt] bool (True = real); ref/ref_ids: reference latents appended after the target;
+        ref_mask [B, L_ref] bool hides the reference from some rows, so guidance branches with and without
+        a reference can share one batched forward (masked keys contribute exactly nothing).
         """
         n_img, n_txt = img.shape[1], txt.shape[1]
         if (ref is None) != (ref_ids is None):
@@ -284,10 +287,11 @@ class VisualDecoder(nn.Module):
         vec = vec + self.vector_in(y)  # [B, C]
         pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))  # [B, 1, L_txt + L_x, D/2, 2, 2]
         mask = None
-        if txt_mask is not None:
-            # Image (and reference) keys are always real.
-            img_keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            mask = torch.cat([txt_mask.bool(), img_keep], dim=1)
+        if txt_mask is not None or ref_mask is not None:
+            def keep(m, n):
+                return torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device) if m is None else m.bool()
+            n_ref = x.shape[1] - n_img
+            mask = torch.cat([keep(txt_mask, n_txt), keep(None, n_img), keep(ref_mask, n_ref)], dim=1)
 
         for i, block in enumerate(self.double_blocks):
             x_in = x

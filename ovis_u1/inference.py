@@ -1,0 +1,415 @@
+"""Understanding, text-to-image and editing on top of the model's tensor-level building blocks.
+
+Three sampling modes share one code path:
+- "exact" (default): the published recipe with no wasted work: the LLM condition and the refiner run
+  once per request (the refiner has no timestep input), the unconditional condition is computed once and
+  shared by every prompt, all guidance branches of a step go through the decoder in one batched forward.
+- "plain": what the published code does (each branch its own forward, one sample at a time, the refiner
+  re-run at every step); kept as the reference that exact mode is tested and benchmarked against.
+- "fast": exact plus first-block caching, guidance only inside a middle interval of t and fewer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .decoder import FirstBlockCache, latent_ids, pack_latents, unpack_latents
+from .processing import (
+    UNCOND_TEXT,
+    ImageInputError,
+    blank_image,
+    generation_prompt,
+    load_image,
+    prepare_inputs,
+    smart_resize,
+    t2i_prompts,
+    understanding_prompt,
+)
+from .sampling import DecoderInputs, denoise, edit_guidance, get_schedule, t2i_guidance
+
+MODES = ("exact", "fast", "plain")
+MAX_STEPS = 1000
+MAX_IMAGES_PER_CALL = 64
+
+
+# ---- argument checks ---------------------------------------------------------------------------------
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+    return steps
+
+
+def _check_scale(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise ValueError(f"{name} must be finite and in [0, 100], got {value}")
+    return value
+
+
+def _check_prompts(prompt, what: str = "prompt") -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError(f"no {what} given")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{what} must be a non-empty string, got {p!r}")
+    return prompts
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; choose one of {MODES}")
+    return mode
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+        raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_CALL}], got {n!r}")
+    return n
+
+
+def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int]:
+    """Snap to the model's size multiple (warning when it changes a side) and enforce its bounds."""
+    g = model.config.generation
+    out = []
+    for name, side, default in (("height", height, g.height), ("width", width, g.width)):
+        side = default if side is None else side
+        if isinstance(side, bool) or not isinstance(side, (int, float)) or not math.isfinite(side):
+            raise ValueError(f"{name} must be a number of pixels, got {side!r}")
+        if not g.min_side <= side <= g.max_side:
+            raise ValueError(f"{name}={side} is outside [{g.min_side}, {g.max_side}] for this model")
+        snapped = max(g.min_side, min(g.max_side, int(round(side / g.size_multiple)) * g.size_multiple))
+        if snapped != side:
+            warnings.warn(f"{name} {side} snapped to {snapped} (a multiple of {g.size_multiple})", stacklevel=3)
+        out.append(snapped)
+    return out[0], out[1]
+
+
+# ---- conditions --------------------------------------------------------------------------------------
+def encode_conditions(model, texts: Sequence[str], images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
+    """Generation prompts (one image each) -> LLM condition [B, L, 2D] and its mask [B, L] (right padded)."""
+    batch = prepare_inputs(model.tokenizer, list(texts), [[im] for im in images], model.config, pad_side="right",
+                           max_length=model.config.generation.multimodal_max_length)
+    cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)
+    return cond, batch.attention_mask.to(cond.device).bool()
+
+
+def refine(model, cond: Tensor, mask: Tensor):
+    out = model.refiner(cond, mask)
+    return out.tokens, out.cls
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one text-to-image or edit call needs, before any sampling: conditions per branch."""
+
+    conds: list[tuple[Tensor, Tensor]]  # per branch: LLM condition [B, L, 2D] and mask, one row per sample
+    latent_hw: tuple[int, int]
+    seeds: list[int]
+    combine: object
+    ref: Tensor | None = None  # [B, L_ref, C] packed reference latents (editing)
+    ref_branches: tuple[bool, ...] = ()  # which branches see the reference
+    extras: dict = field(default_factory=dict)
+
+
+def _stack_padded(conds: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate branch conditions of different lengths along the batch, right-padding with a mask."""
+    length = max(c.shape[1] for c, _ in conds)
+    cs = [torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[1])) for c, _ in conds]
+    ms = [torch.nn.functional.pad(m, (0, length - m.shape[1]), value=False) for _, m in conds]
+    return torch.cat(cs), torch.cat(ms)
+
+
+def decoder_inputs(model, req: GenerationRequest) -> DecoderInputs:
+    """Refine every branch once (exact/fast modes) and lay the rows out branch-major."""
+    cond, mask = _stack_padded(req.conds)
+    txt, cls = refine(model, cond, mask)
+    n = len(req.conds)
+    b = req.conds[0][0].shape[0]
+    ref = ref_ids = ref_mask = None
+    if req.ref is not None:
+        h, w = req.latent_hw
+        ref = req.ref.repeat(n, 1, 1)
+        ref_ids = latent_ids(n * b, h, w, index=1, device=ref.device).to(ref.dtype)
+        ref_mask = torch.tensor(req.ref_branches, device=ref.device).repeat_interleave(b)[:, None]
+        ref_mask = ref_mask.expand(-1, ref.shape[1])
+    return DecoderInputs(txt, mask, cls, n, ref, ref_ids, ref_mask)
+
+
+def initial_noise(model, seeds: list[int], latent_hw: tuple[int, int]) -> Tensor:
+    """Packed noise tokens; sample k uses its own CPU generator seeded with seeds[k] (device independent)."""
+    c = model.config.vae.latent_channels
+    h, w = latent_hw
+    noise = [torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return pack_latents(torch.cat(noise)).to(model.device, model.dtype)
+
+
+def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callback=None,
+           progress: bool = True, shift: bool | None = None) -> Tensor:
+    """Denoise from the request's noise; returns final packed latent tokens [B, L, C]."""
+    g = model.config.generation
+    h, w = req.latent_hw
+    x = initial_noise(model, req.seeds, req.latent_hw)
+    img_ids = latent_ids(x.shape[0], h, w, device=x.device).to(x.dtype)
+    shift = g.use_time_shift if shift is None else shift
+    timesteps = get_schedule(steps, x.shape[1], shift=shift)
+    bar = _progress(steps, progress)
+    cb = _chain(bar, callback)
+    if mode == "plain":
+        x = _denoise_plain(model, x, img_ids, req, timesteps, cb)
+    else:
+        fast = mode == "fast"
+        x = denoise(model.decoder, x, img_ids, decoder_inputs(model, req), timesteps, req.combine,
+                    guidance_interval=g.fast_guidance_interval if fast else None,
+                    cache=FirstBlockCache(g.fast_cache_threshold) if fast else None, callback=cb)
+    if bar is not None:
+        bar.close()
+    return x
+
+
+def _denoise_plain(model, x, img_ids, req: GenerationRequest, timesteps, callback) -> Tensor:
+    """The published loop: per sample, per step, per branch one forward, refiner included."""
+    out = []
+    h, w = req.latent_hw
+    for s in range(x.shape[0]):
+        xs = x[s:s + 1]
+        for i in range(len(timesteps) - 1):
+            t, t_next = float(timesteps[i]), float(timesteps[i + 1])
+            vs = []
+            for b, (cond, mask) in enumerate(req.conds):
+                real = mask[s].sum()
+                txt, cls = refine(model, cond[s:s + 1, :real], None)
+                with_ref = req.ref is not None and req.ref_branches[b]
+                ref = req.ref[s:s + 1] if with_ref else None
+                ref_ids = latent_ids(1, h, w, index=1, device=x.device).to(x.dtype) if with_ref else None
+                vs.append(model.decoder(xs, img_ids[s:s + 1], txt, torch.zeros(1, txt.shape[1], 3, dtype=x.dtype,
+                                        device=x.device), torch.full((1,), t, dtype=x.dtype, device=x.device),
+                                        cls, ref=ref, ref_ids=ref_ids).float())
+            v = req.combine(torch.stack(vs))
+            xs = (xs.float() + (t_next - t) * v).to(x.dtype)
+            if callback is not None and s == x.shape[0] - 1:
+                callback(i + 1, len(timesteps) - 1, xs)
+        out.append(xs)
+    return torch.cat(out)
+
+
+def decode_latents(model, tokens: Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
+    latents = unpack_latents(tokens, *latent_hw)
+    pixels = model.vae.decode(latents).float()
+    arr = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+# ---- text to image -----------------------------------------------------------------------------------
+def t2i_request(model, prompts: list[str], height: int, width: int, guidance_scale: float, seed: int,
+                num_images_per_prompt: int) -> GenerationRequest:
+    g = model.config.generation
+    blank = blank_image(height, width, g.blank_image_max_pixels)
+    texts = [t2i_prompts(p)[0] for p in prompts] + [t2i_prompts(prompts[0])[1]]
+    cond, mask = encode_conditions(model, texts, [blank] * len(texts))
+    n = num_images_per_prompt
+    rows = torch.arange(len(prompts)).repeat_interleave(n)
+    uncond = (cond[-1:].expand(len(rows), -1, -1), mask[-1:].expand(len(rows), -1))
+    f = model.vae.downsample
+    return GenerationRequest(conds=[(cond[rows], mask[rows]), uncond], latent_hw=(height // f, width // f),
+                             seeds=[seed + k for k in range(len(rows))], combine=t2i_guidance(guidance_scale))
+
+
+@torch.no_grad()
+def text_to_image(model, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
+                  seed: int = 42, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
+                  progress: bool = True, output_type: str = "pil"):
+    """Images for one prompt or a list; image k of the call (prompt-major) uses seed + k."""
+    g = model.config.generation
+    prompts = _check_prompts(prompt)
+    _check_mode(mode)
+    n = _check_count(num_images_per_prompt)
+    height, width = resolve_size(model, height, width)
+    default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
+    steps = _check_steps(default_steps if num_inference_steps is None else num_inference_steps)
+    scale = _check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
+    req = t2i_request(model, prompts, height, width, scale, int(seed), n)
+    tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
+    return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
+
+
+# ---- editing -----------------------------------------------------------------------------------------
+def edit_size(model, image: Image.Image) -> tuple[int, int]:
+    g = model.config.generation
+    h, w = smart_resize(image.height, image.width, factor=g.size_multiple, min_pixels=g.min_side ** 2,
+                        max_pixels=g.edit_max_pixels)
+    return min(max(h, g.min_side), g.max_side), min(max(w, g.min_side), g.max_side)
+
+
+def edit_request(model, image: Image.Image, instructions: list[str], txt_scale: float, img_scale: float,
+                 seed: int, num_images_per_prompt: int) -> GenerationRequest:
+    height, width = edit_size(model, image)
+    resized = image.resize((width, height), Image.Resampling.BICUBIC)
+    blank = blank_image(height, width, model.config.generation.blank_image_max_pixels)
+    texts = [generation_prompt(t) for t in instructions] + [generation_prompt(UNCOND_TEXT)] * 2
+    cond, mask = encode_conditions(model, texts, [image] * (len(instructions) + 1) + [blank])
+    rows = torch.arange(len(instructions)).repeat_interleave(num_images_per_prompt)
+    b = len(rows)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1)
+    latents = model.vae.encode(pixels.permute(2, 0, 1)[None].to(model.device))
+    ref = pack_latents(latents).to(model.dtype).expand(b, -1, -1)
+    k = len(instructions)
+    conds = [(cond[rows], mask[rows]),
+             (cond[k:k + 1].expand(b, -1, -1), mask[k:k + 1].expand(b, -1)),
+             (cond[k + 1:].expand(b, -1, -1), mask[k + 1:].expand(b, -1))]
+    f = model.vae.downsample
+    return GenerationRequest(conds=conds, latent_hw=(height // f, width // f), seeds=[seed + i for i in range(b)],
+                             combine=edit_guidance(txt_scale, img_scale), ref=ref,
+                             ref_branches=(True, True, False))
+
+
+@torch.no_grad()
+def edit(model, image, instruction, num_inference_steps=None, guidance_scale=None, image_guidance_scale=None,
+         seed: int = 42, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
+         progress: bool = True, output_type: str = "pil"):
+    """Edited images of `image` for one instruction or a list; output size from smart_resize of the input."""
+    g = model.config.generation
+    source = load_image(image)
+    instructions = _check_prompts(instruction, "instruction")
+    _check_mode(mode)
+    n = _check_count(num_images_per_prompt)
+    default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
+    steps = _check_steps(default_steps if num_inference_steps is None else num_inference_steps)
+    txt = _check_scale("guidance_scale", g.edit_guidance_scale if guidance_scale is None else guidance_scale)
+    img = _check_scale("image_guidance_scale",
+                       g.image_guidance_scale if image_guidance_scale is None else image_guidance_scale)
+    req = edit_request(model, source, instructions, txt, img, int(seed), n)
+    tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
+    return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
+
+
+class EditSession:
+    """Multi-turn editing: each instruction edits the previous result; the history is kept here."""
+
+    def __init__(self, model, image, **edit_kwargs):
+        self.model, self.kwargs = model, edit_kwargs
+        self.history: list[tuple[str | None, Image.Image]] = [(None, load_image(image))]
+
+    @property
+    def current(self) -> Image.Image:
+        return self.history[-1][1]
+
+    def edit(self, instruction: str, **kwargs) -> Image.Image:
+        result = edit(self.model, self.current, instruction, **{**self.kwargs, **kwargs})[0]
+        self.history.append((instruction, result))
+        return result
+
+    def undo(self) -> Image.Image:
+        if len(self.history) > 1:
+            self.history.pop()
+        return self.current
+
+
+# ---- understanding -----------------------------------------------------------------------------------
+def _question_batch(question, images) -> tuple[list[str], list[list]]:
+    if isinstance(question, str):
+        imgs = [] if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
+        return [question], [imgs]
+    questions = list(question)
+    if images is None:
+        images = [[] for _ in questions]
+    if len(images) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(images)} image lists; pass one list per question")
+    return questions, [[im] if not isinstance(im, (list, tuple)) else list(im) for im in images]
+
+
+@torch.no_grad()
+def answer(model, question, images=None, max_new_tokens: int | None = None, stream: bool = False,
+           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+           use_cache: bool = True, enable_thinking: bool = False):
+    """Answer a question (str) or a batch (list of str, with one image list each).
+
+    Returns a str (a list for a batch), or, with stream=True, an iterator of text pieces (one question).
+    """
+    questions, image_lists = _question_batch(question, images)
+    for q in questions:
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"question must be a non-empty string, got {q!r}")
+    max_new = model.config.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 32768:
+        raise ValueError(f"max_new_tokens must be an integer in [1, 32768], got {max_new!r}")
+    if do_sample:
+        _check_scale("temperature", temperature)
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    images_loaded = [[load_image(im) for im in ims] for ims in image_lists]
+    texts = [understanding_prompt(q, len(ims), enable_thinking) for q, ims in zip(questions, images_loaded)]
+    tok = model.tokenizer
+    batch = prepare_inputs(tok, texts, images_loaded, model.config, pad_side="left",
+                           max_length=model.config.generation.multimodal_max_length)
+    embeds = model.embed(batch.input_ids, batch.pixel_patches, batch.grid_thws)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    kwargs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
+                  max_new_tokens=max_new, do_sample=do_sample, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                  use_cache=use_cache)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if seed is not None:
+            torch.manual_seed(seed)
+    if stream:
+        if len(questions) != 1:
+            raise ValueError("stream=True takes one question at a time")
+        return _stream(model, kwargs)
+    out = model.llm.generate(**kwargs)
+    answers = [a.strip() for a in tok.batch_decode(out, skip_special_tokens=True)]
+    return answers[0] if isinstance(question, str) else answers
+
+
+def _stream(model, kwargs) -> Iterator[str]:
+    from transformers import TextIteratorStreamer
+    streamer = TextIteratorStreamer(model.tokenizer, skip_special_tokens=True, timeout=600)
+    errors = []
+
+    def run():
+        try:
+            model.llm.generate(**kwargs, streamer=streamer)
+        except Exception as e:  # surface generation errors in the consumer's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="denoising", leave=False)
+
+
+def _chain(bar, callback):
+    if bar is None and callback is None:
+        return None
+
+    def cb(step, total, latents):
+        if bar is not None:
+            bar.update(1)
+        if callback is not None:
+            callback(step, total, latents)
+    return cb
+
+
+__all__ = ["MODES", "EditSession", "ImageInputError", "answer", "edit", "text_to_image"]

@@ -1,0 +1,66 @@
+"""The language model: transformers' Qwen3ForCausalLM, plus the two places Ovis-U1 touches it.
+
+1. Input side: placeholder ids in `input_ids` (the visual atom and the image indicators, all negative)
+   are replaced in `inputs_embeds` by visual embeddings (visual-token probabilities @ VTE) and by VTE rows.
+2. Output side (generation path): the condition is the concatenation of the last two hidden layers over
+   all prompt tokens, image tokens included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from .config import LLMConfig
+
+VISUAL_ATOM_ID = -300
+INDICATOR_IDS = (-301, -302, -303, -304)
+
+
+def build_llm(cfg: LLMConfig) -> Qwen3ForCausalLM:
+    hf = Qwen3Config(**dataclasses.asdict(cfg), use_cache=True)
+    # SDPA keeps the model runnable on CPU; flash-attention is never required.
+    hf._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(hf)
+
+
+def embed_multimodal(llm: Qwen3ForCausalLM, vte: torch.nn.Embedding, input_ids: Tensor,
+                     visual_probs: Tensor | None) -> Tensor:
+    """[B, L] ids with placeholders -> [B, L, D] embeddings.
+
+    `visual_probs` [n, V] holds the visual tokens of every image in the batch, in the order their atom
+    positions appear when the batch is read row by row.
+    """
+    text_embed = llm.get_input_embeddings()
+    embeds = text_embed(input_ids.clamp(min=0))
+    atoms = input_ids == VISUAL_ATOM_ID
+    n_atoms = int(atoms.sum())
+    n_visual = 0 if visual_probs is None else visual_probs.shape[0]
+    if n_atoms != n_visual:
+        raise ValueError(f"prompt has {n_atoms} visual-token positions but the images gave {n_visual} tokens")
+    embeds = embeds.clone()
+    if n_atoms:
+        embeds[atoms] = (visual_probs.to(vte.weight.dtype) @ vte.weight).to(embeds.dtype)
+    v = vte.num_embeddings
+    for k, ind in enumerate(INDICATOR_IDS):
+        where = input_ids == ind
+        if where.any():
+            embeds[where] = vte.weight[v - len(INDICATOR_IDS) + k].to(embeds.dtype)
+    return embeds
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that start at 0 on each row's first real token (left padding safe)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def condition_hidden_states(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, L, D] embeddings -> [B, L, 2D]: the LLM's last two hidden layers, concatenated."""
+    out = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
+                    use_cache=False)
+    hs = out.hidden_states
+    return torch.cat([hs[-2], hs[-1]], dim=-1)

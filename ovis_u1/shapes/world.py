@@ -1,0 +1,535 @@
+"""The synthetic shapes world: flat-coloured circles, squares and triangles on a white canvas.
+
+Everything is a pure function of a `np.random.Generator`, so a seed fixes a sample exactly. Images are
+drawn without anti-aliasing (every pixel is white or one palette colour), which lets `reader.read_scene`
+recover a generator scene exactly and makes every caption, answer and edit checkable by program.
+
+Coordinates are pixels with pixel i spanning [i, i+1); `Obj.cx, Obj.cy` is the centre of the object's
+bounding square and y grows downwards, so "above" means a smaller cy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+WHITE = (255, 255, 255)
+# Fixed, well separated flat colours (closest pair: yellow/orange, ~70 apart in RGB).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+COLOR_NAMES = tuple(COLORS)
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+RELATIONS = ("left of", "right of", "above", "below")
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above",
+                    "below": "below"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+MIN_FRAC, MAX_FRAC = 1 / 5, 1 / 3  # object side as a fraction of the canvas side
+MAX_OBJECTS = 4
+POSITION_THRESHOLD = 0.1  # GenEval's: offsets shrink by this fraction of the two box sizes
+
+# GenEval's six categories, plus "scene" (a canonical description of a random scene), training only.
+GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+T2I_CATEGORIES = (*GENEVAL_CATEGORIES, "scene")
+VQA_KINDS = ("color", "shape", "count", "relation", "describe", "compare")
+EDIT_KINDS = ("recolor", "remove", "add", "replace", "move")
+
+
+# ----------------------------------------------------------------------------------------- scenes
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str  # one of SHAPES ("unknown" only in a reader's output)
+    color: str  # one of COLOR_NAMES ("unknown" only in a reader's output)
+    cx: float  # centre of the bounding square
+    cy: float
+    size: float  # side of the bounding square; a triangle spans it fully (apex top-centre, base bottom)
+
+    def mask(self, canvas: int) -> np.ndarray:
+        """Boolean canvas x canvas mask of the pixels whose centres fall inside the shape."""
+        c = np.arange(canvas) + 0.5
+        dx, dy = c[None, :] - self.cx, c[:, None] - self.cy
+        half = self.size / 2
+        if self.shape == "square":
+            return (np.abs(dx) < half) & (np.abs(dy) < half)
+        if self.shape == "circle":
+            return dx * dx + dy * dy <= half * half
+        if self.shape == "triangle":
+            depth = dy + half  # distance below the apex
+            return (depth > 0) & (depth < self.size) & (np.abs(dx) <= depth / 2)
+        raise ValueError(f"cannot draw shape {self.shape!r}")
+
+
+@dataclass
+class Scene:
+    objects: list[Obj]
+    size: int = 64
+
+    def render(self) -> Image.Image:
+        canvas = np.full((self.size, self.size, 3), 255, np.uint8)
+        for obj in self.objects:
+            canvas[obj.mask(self.size)] = COLORS[obj.color]
+        return Image.fromarray(canvas)
+
+
+def relations(a: Obj, b: Obj) -> set[str]:
+    """GenEval's relative position of a to b: {"left of", "above", ...}, possibly two or none."""
+    offset = np.array([a.cx - b.cx, a.cy - b.cy], float)
+    norm = float(np.linalg.norm(offset))
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (a.size + b.size), 0) * np.sign(offset)
+    if norm == 0 or np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / norm
+    found = set()
+    if dx < -0.5:
+        found.add("left of")
+    if dx > 0.5:
+        found.add("right of")
+    if dy < -0.5:
+        found.add("above")
+    if dy > 0.5:
+        found.add("below")
+    return found
+
+
+def _clearly(a: Obj, b: Obj, relation: str) -> bool:
+    """The relation holds and its axis dominates 2:1, so no perpendicular relation can hold too."""
+    along, across = (a.cx - b.cx, a.cy - b.cy) if relation in ("left of", "right of") else (
+        a.cy - b.cy, a.cx - b.cx)
+    sign = -1 if relation in ("left of", "above") else 1
+    return along * sign > 0 and abs(along) >= 2 * abs(across) and relations(a, b) == {relation}
+
+
+# ------------------------------------------------------------------------------------------- text
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def phrase(shape: str, color: str | None = None, count: int = 1) -> str:
+    """'a circle', 'an orange square', 'three blue triangles'."""
+    noun = " ".join(w for w in (color, shape + ("s" if count != 1 else "")) if w)
+    return f"{_article(noun) if count == 1 else NUMBER_WORDS[count]} {noun}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def describe(scene: Scene) -> str:
+    """Canonical caption: groups of identical objects, ordered by shape then palette colour."""
+    groups = Counter((o.shape, o.color) for o in scene.objects)
+    if not groups:
+        return "an empty canvas"
+    order = sorted(groups, key=lambda k: (SHAPES.index(k[0]), COLOR_NAMES.index(k[1])))
+    return _join([phrase(shape, color, groups[shape, color]) for shape, color in order])
+
+
+@dataclass(frozen=True)
+class SpecItem:
+    shape: str
+    color: str | None = None  # None: any colour
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a text-to-image caption demands: exactly these objects (no others), and items[0]
+    `relation` items[1] when a relation is given."""
+
+    category: str
+    items: tuple[SpecItem, ...]
+    relation: str | None = None
+
+    def caption(self) -> str:
+        parts = [phrase(it.shape, it.color, it.count) for it in self.items]
+        if self.relation:
+            return f"{parts[0]} {RELATION_PHRASES[self.relation]} {parts[1]}"
+        return _join(parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Spec:
+        return cls(d["category"], tuple(SpecItem(**it) for it in d["items"]), d.get("relation"))
+
+
+# ----------------------------------------------------------------------------------------- layout
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _pick_other(rng: np.random.Generator, seq, *exclude):
+    return _pick(rng, [x for x in seq if x not in exclude])
+
+
+def _gap(canvas: int) -> int:
+    """Clear pixels kept between objects and from the border, so components never touch."""
+    return max(2, round(canvas / 32))
+
+
+def _side_range(canvas: int) -> tuple[int, int]:
+    return math.ceil(canvas * MIN_FRAC), math.floor(canvas * MAX_FRAC)
+
+
+def _random_side(rng: np.random.Generator, canvas: int) -> int:
+    lo, hi = _side_range(canvas)
+    return int(rng.integers(lo, hi + 1))
+
+
+def _random_obj(rng: np.random.Generator, canvas: int, shape: str, color: str, side: int) -> Obj:
+    # Integer box corners keep the rasterisation symmetric about the centre.
+    m = _gap(canvas)
+    x0, y0 = rng.integers(m, canvas - m - side + 1, size=2)
+    return Obj(shape, color, int(x0) + side / 2, int(y0) + side / 2, side)
+
+
+def _apart(a: Obj, b: Obj, gap: int) -> bool:
+    reach = (a.size + b.size) / 2 + gap
+    return abs(a.cx - b.cx) >= reach or abs(a.cy - b.cy) >= reach
+
+
+def _fits(obj: Obj, others: list[Obj], canvas: int) -> bool:
+    m, half = _gap(canvas), obj.size / 2
+    inside = m <= obj.cx - half and obj.cx + half <= canvas - m and m <= obj.cy - half and \
+        obj.cy + half <= canvas - m
+    return inside and all(_apart(obj, o, _gap(canvas)) for o in others)
+
+
+def _layout(rng: np.random.Generator, canvas: int, kinds: list[tuple[str, str, int]],
+            accept: Callable[[list[Obj]], bool] | None = None, attempts: int = 300) -> list[Obj]:
+    """Place (shape, colour, side) objects at random without overlap; `accept` filters whole layouts."""
+    lo, _ = _side_range(canvas)
+    for attempt in range(attempts):
+        objs: list[Obj] = []
+        for shape, color, side in kinds:
+            side = lo if attempt >= attempts // 2 else side  # a crowded canvas: fall back to small objects
+            for _ in range(50):
+                obj = _random_obj(rng, canvas, shape, color, side)
+                if _fits(obj, objs, canvas):
+                    objs.append(obj)
+                    break
+            else:
+                break
+        else:
+            if accept is None or accept(objs):
+                return objs
+    raise RuntimeError(f"could not lay out {kinds} on a {canvas}px canvas")
+
+
+def _scene(rng: np.random.Generator, canvas: int, pairs: list[tuple[str, str]],
+           accept: Callable[[list[Obj]], bool] | None = None) -> Scene:
+    kinds = [(shape, color, _random_side(rng, canvas)) for shape, color in pairs]
+    return Scene(_layout(rng, canvas, kinds, accept), canvas)
+
+
+def _random_pairs(rng: np.random.Generator, n: int, shapes=SHAPES, colors=COLOR_NAMES) -> list[tuple[str, str]]:
+    return [(_pick(rng, shapes), _pick(rng, colors)) for _ in range(n)]
+
+
+def random_scene(rng: np.random.Generator, size: int = 64, n: int | None = None) -> Scene:
+    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n is None else n
+    return _scene(rng, size, _random_pairs(rng, n))
+
+
+# ---------------------------------------------------------------------------------- text-to-image
+
+def sample_spec(rng: np.random.Generator, category: str | None = None, colored: bool | None = None) -> Spec:
+    """A caption spec of a category. `colored` (None: random) picks the coloured form of the
+    categories that have both ("three squares" / "three blue squares"; likewise position)."""
+    category = category or _pick(rng, T2I_CATEGORIES)
+    colored = bool(rng.random() < 0.5) if colored is None else colored
+    s1 = _pick(rng, SHAPES)
+    s2 = _pick_other(rng, SHAPES, s1)
+    c1 = _pick(rng, COLOR_NAMES)
+    c2 = _pick_other(rng, COLOR_NAMES, c1)
+    if category == "single_object":
+        return Spec(category, (SpecItem(s1),))
+    if category == "colors":
+        return Spec(category, (SpecItem(s1, c1),))
+    if category == "counting":
+        return Spec(category, (SpecItem(s1, c1 if colored else None, int(rng.integers(2, MAX_OBJECTS + 1))),))
+    if category == "two_object":
+        return Spec(category, (SpecItem(s1), SpecItem(s2)))
+    if category == "color_attr":
+        return Spec(category, (SpecItem(s1, c1), SpecItem(s2, c2)))
+    if category == "position":
+        # Coloured pairs may share a shape ("a red circle above a blue circle"); plain ones may not.
+        second = SpecItem(_pick(rng, SHAPES), c2) if colored else SpecItem(s2)
+        return Spec(category, (SpecItem(s1, c1 if colored else None), second), _pick(rng, RELATIONS))
+    if category == "scene":
+        groups = Counter(_random_pairs(rng, int(rng.integers(1, MAX_OBJECTS + 1))))
+        order = sorted(groups, key=lambda k: (SHAPES.index(k[0]), COLOR_NAMES.index(k[1])))
+        return Spec(category, tuple(SpecItem(s, c, groups[s, c]) for s, c in order))
+    raise ValueError(f"unknown text-to-image category {category!r}")
+
+
+def scene_for_spec(rng: np.random.Generator, spec: Spec, size: int = 64) -> Scene:
+    """A random scene that satisfies `spec` exactly; a count of one shape shares colour and size."""
+    kinds = []
+    for item in spec.items:
+        color, side = item.color or _pick(rng, COLOR_NAMES), _random_side(rng, size)
+        kinds += [(item.shape, color, side)] * item.count
+    accept = (lambda objs: _clearly(objs[0], objs[1], spec.relation)) if spec.relation else None
+    return Scene(_layout(rng, size, kinds, accept), size)
+
+
+def sample_t2i(rng: np.random.Generator, category: str | None = None, size: int = 64,
+               colored: bool | None = None) -> tuple[Scene, str, Spec]:
+    spec = sample_spec(rng, category, colored)
+    return scene_for_spec(rng, spec, size), spec.caption(), spec
+
+
+# ---------------------------------------------------------------------------------- understanding
+
+def _vqa_color(rng, size):
+    shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+    others = _random_pairs(rng, int(rng.integers(0, MAX_OBJECTS)), shapes=[s for s in SHAPES if s != shape])
+    return [_scene(rng, size, [(shape, color), *others])], f"What color is the {shape}?", color
+
+
+def _vqa_shape(rng, size):
+    shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+    others = _random_pairs(rng, int(rng.integers(0, MAX_OBJECTS)),
+                           colors=[c for c in COLOR_NAMES if c != color])
+    return [_scene(rng, size, [(shape, color), *others])], f"What shape is the {color} object?", shape
+
+
+def _counted(rng, size, k, by: str, value: str | None) -> Scene:
+    """A scene with exactly k objects of shape/colour `value` (by="shape"/"color") and 0+ others."""
+    m = int(rng.integers(max(0, 1 - k), MAX_OBJECTS - k + 1))
+    if by == "shape":
+        pairs = _random_pairs(rng, k, shapes=[value]) + _random_pairs(rng, m, shapes=[s for s in SHAPES if s != value])
+    else:
+        pairs = _random_pairs(rng, k, colors=[value]) + _random_pairs(
+            rng, m, colors=[c for c in COLOR_NAMES if c != value])
+    order = rng.permutation(len(pairs))
+    return _scene(rng, size, [pairs[i] for i in order])
+
+
+def _vqa_count(rng, size):
+    by = _pick(rng, ("shape", "color", "total"))
+    if by == "total":
+        k = int(rng.integers(1, MAX_OBJECTS + 1))
+        return [random_scene(rng, size, k)], "How many objects are there?", NUMBER_WORDS[k]
+    k = int(rng.integers(0, MAX_OBJECTS + 1))
+    value = _pick(rng, SHAPES if by == "shape" else COLOR_NAMES)
+    question = f"How many {value}s are there?" if by == "shape" else f"How many {value} objects are there?"
+    return [_counted(rng, size, k, by, value)], question, NUMBER_WORDS[k]
+
+
+def _vqa_relation(rng, size):
+    a = (_pick(rng, SHAPES), _pick(rng, COLOR_NAMES))
+    b = (_pick(rng, SHAPES), _pick_other(rng, COLOR_NAMES, a[1]))
+    extra = [p for p in _random_pairs(rng, int(rng.integers(0, 2))) if p not in (a, b)]
+    true = _pick(rng, RELATIONS)
+    scene = _scene(rng, size, [a, b, *extra], accept=lambda objs: _clearly(objs[0], objs[1], true))
+    asked = true if rng.random() < 0.5 else _pick_other(rng, RELATIONS, true)
+    x, y = scene.objects[:2] if rng.random() < 0.5 else scene.objects[1::-1]
+    question = f"Is the {x.color} {x.shape} {RELATION_PHRASES[asked]} the {y.color} {y.shape}?"
+    return [scene], question, "yes" if asked in relations(x, y) else "no"
+
+
+def _vqa_describe(rng, size):
+    scene = random_scene(rng, size)
+    return [scene], "Describe the image.", describe(scene)
+
+
+def _vqa_compare(rng, size):
+    how = _pick(rng, ("more", "fewer", "has"))
+    if how == "has":
+        shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+        others = [p for p in _random_pairs(rng, MAX_OBJECTS) if p != (shape, color)]
+        with_it = _scene(rng, size, [(shape, color), *others[:int(rng.integers(0, MAX_OBJECTS))]])
+        without = _scene(rng, size, others[:int(rng.integers(1, len(others) + 1))] if others else
+                         [(_pick_other(rng, SHAPES, shape), color)])
+        first = bool(rng.random() < 0.5)
+        scenes = [with_it, without] if first else [without, with_it]
+        question = f"Which image has {phrase(shape, color)}?"
+    else:
+        shape = _pick(rng, SHAPES)
+        ka, kb = (int(k) for k in rng.choice(MAX_OBJECTS + 1, size=2, replace=False))
+        scenes = [_counted(rng, size, ka, "shape", shape), _counted(rng, size, kb, "shape", shape)]
+        first = (ka > kb) == (how == "more")
+        question = f"Which image has {how} {shape}s?"
+    return scenes, question, "the first image" if first else "the second image"
+
+
+_VQA = {"color": _vqa_color, "shape": _vqa_shape, "count": _vqa_count, "relation": _vqa_relation,
+        "describe": _vqa_describe, "compare": _vqa_compare}
+
+
+def sample_vqa(rng: np.random.Generator, kind: str | None = None, size: int = 64) -> tuple[list[Scene], str, str]:
+    """(scenes, question, answer); answers are short, lowercase and exact."""
+    return _VQA[kind or _pick(rng, VQA_KINDS)](rng, size)
+
+
+# ---------------------------------------------------------------------------------------- editing
+
+def _refer(rng, scene: Scene, i: int) -> str | None:
+    """'the circle' when its shape is unique (half the time), else 'the red circle' if that is unique."""
+    obj = scene.objects[i]
+    if sum(o.shape == obj.shape for o in scene.objects) == 1 and rng.random() < 0.5:
+        return f"the {obj.shape}"
+    if sum((o.shape, o.color) == (obj.shape, obj.color) for o in scene.objects) == 1:
+        return f"the {obj.color} {obj.shape}"
+    return None
+
+
+def _with(scene: Scene, i: int, obj: Obj | None) -> Scene:
+    objs = list(scene.objects)
+    if obj is None:
+        del objs[i]
+    else:
+        objs[i] = obj
+    return Scene(objs, scene.size)
+
+
+def _edit(rng, size, kind):
+    """One attempt at an edit of `kind`; None when the drawn scene does not allow it."""
+    lo = {"remove": 2}.get(kind, 1)
+    hi = MAX_OBJECTS - 1 if kind == "add" else MAX_OBJECTS
+    src = random_scene(rng, size, int(rng.integers(lo, hi + 1)))
+    if kind == "add":
+        shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
+        side = _random_side(rng, size)
+        for _ in range(50):
+            new = _random_obj(rng, size, shape, color, side)
+            if _fits(new, src.objects, size):
+                return src, f"add {phrase(shape, color)}", Scene([*src.objects, new], size)
+        return None
+    i = int(rng.integers(len(src.objects)))
+    obj, ref = src.objects[i], _refer(rng, src, i)
+    if ref is None:
+        return None
+    if kind == "recolor":
+        color = _pick_other(rng, COLOR_NAMES, obj.color)
+        return src, f"make {ref} {color}", _with(src, i, dataclasses.replace(obj, color=color))
+    if kind == "remove":
+        return src, f"remove {ref}", _with(src, i, None)
+    if kind == "replace":
+        shape = _pick_other(rng, SHAPES, obj.shape)
+        return src, f"turn {ref} into {phrase(shape)}", _with(src, i, dataclasses.replace(obj, shape=shape))
+    if kind == "move":
+        # "To the left" means against the left border (keeping the gap), so the target is exact.
+        side = _pick(rng, ("left", "right", "top", "bottom"))
+        edge = _gap(size) + obj.size / 2 if side in ("left", "top") else size - _gap(size) - obj.size / 2
+        moved = dataclasses.replace(obj, **{"cx" if side in ("left", "right") else "cy": edge})
+        others = [o for j, o in enumerate(src.objects) if j != i]
+        if abs(moved.cx - obj.cx) + abs(moved.cy - obj.cy) < size / 4 or not _fits(moved, others, size):
+            return None
+        return src, f"move {ref} to the {side}", _with(src, i, moved)
+    raise ValueError(f"unknown edit kind {kind!r}")
+
+
+def sample_edit(rng: np.random.Generator, kind: str | None = None, size: int = 64) -> tuple[Scene, str, Scene]:
+    """(source, instruction, target): the target differs from the source only by the instruction."""
+    kind = kind or _pick(rng, EDIT_KINDS)
+    for _ in range(200):
+        out = _edit(rng, size, kind)
+        if out is not None:
+            return out
+    raise RuntimeError(f"could not sample a {kind!r} edit")
+
+
+# ------------------------------------------------------------------------------------ samples/world
+
+@dataclass
+class T2ISample:
+    image: Image.Image
+    caption: str
+    spec: Spec | None = None
+
+
+@dataclass
+class VQASample:
+    images: list[Image.Image]
+    question: str
+    answer: str
+
+
+@dataclass
+class EditSample:
+    source: Image.Image
+    instruction: str
+    target: Image.Image
+
+
+_SPLITS = {"train": 0, "heldout": 1}
+_TASKS = {"t2i": 0, "vqa": 1, "edit": 2, "mixed": 3}
+
+
+class ShapesWorld:
+    """Indexable, deterministic sample streams: sample i of a task is drawn from a generator seeded by
+    (seed, split, task, i), so splits never share a seed and any index is reproducible in isolation.
+
+    `t2i/vqa/edit(i)` return rendered samples; `t2i_scene/vqa_scenes/edit_scenes(i)` return the same
+    sample's Scene objects (for evaluation). Passing `category`/`kind` draws a different sample.
+    """
+
+    def __init__(self, size: int = 64, seed: int = 0, split: str = "train"):
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}")
+        self.size, self.seed, self.split = size, seed, split
+
+    def rng(self, task: str, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SPLITS[self.split], _TASKS[task], i])
+
+    def t2i_scene(self, i: int, category: str | None = None) -> tuple[Scene, str, Spec]:
+        return sample_t2i(self.rng("t2i", i), category, self.size)
+
+    def vqa_scenes(self, i: int, kind: str | None = None) -> tuple[list[Scene], str, str]:
+        return sample_vqa(self.rng("vqa", i), kind, self.size)
+
+    def edit_scenes(self, i: int, kind: str | None = None) -> tuple[Scene, str, Scene]:
+        return sample_edit(self.rng("edit", i), kind, self.size)
+
+    def t2i(self, i: int, category: str | None = None) -> T2ISample:
+        scene, caption, spec = self.t2i_scene(i, category)
+        return T2ISample(scene.render(), caption, spec)
+
+    def vqa(self, i: int, kind: str | None = None) -> VQASample:
+        scenes, question, answer = self.vqa_scenes(i, kind)
+        return VQASample([s.render() for s in scenes], question, answer)
+
+    def edit(self, i: int, kind: str | None = None) -> EditSample:
+        source, instruction, target = self.edit_scenes(i, kind)
+        return EditSample(source.render(), instruction, target.render())
+
+    def mixed(self, i: int, weights: dict[str, float] | None = None) -> T2ISample | VQASample | EditSample:
+        """Sample i of a task mixture (default: equal weights over t2i, vqa, edit)."""
+        weights = weights or {"t2i": 1.0, "vqa": 1.0, "edit": 1.0}
+        tasks, p = list(weights), np.array(list(weights.values()), float)
+        task = tasks[int(self.rng("mixed", i).choice(len(tasks), p=p / p.sum()))]
+        return getattr(self, task)(i)
+
+
+def world_text_corpus(n: int, seed: int = 0) -> list[str]:
+    """n lines of world text (captions, "question answer" pairs, edit instructions) for pretraining a
+    small language model and fitting its tokenizer."""
+    rng = np.random.default_rng([seed, 99])
+    lines = []
+    for i in range(n):
+        task = i % 3
+        if task == 0:
+            lines.append(sample_spec(rng).caption())
+        elif task == 1:
+            _, question, answer = sample_vqa(rng)
+            lines.append(f"{question} {answer}")
+        else:
+            lines.append(sample_edit(rng)[1])
+    return lines
