@@ -38,10 +38,22 @@ class Reading:
 
 
 def classify_pixels(rgb: np.ndarray, max_dist: float = MAX_DIST) -> np.ndarray:
-    """H W 3 -> H W class indices into CLASS_NAMES (nearest palette entry, UNKNOWN when too far)."""
-    d2 = ((rgb[:, :, None, :].astype(np.float32) - PALETTE) ** 2).sum(-1)
-    cls = d2.argmin(-1)
-    cls[d2.min(-1) > max_dist * max_dist] = UNKNOWN
+    """H W 3 -> H W class indices into CLASS_NAMES.
+
+    Each pixel goes to the nearest of white and the six colours, measured along the white-to-colour
+    blend lines: a pixel at least halfway from white to a colour is that colour, one short of halfway
+    is white, and one farther than `max_dist` from every blend line is UNKNOWN. For a flat render this
+    is plain nearest-palette; for a blurred one the halfway rule puts each edge where the sharp edge
+    was (plain nearest-palette distance would turn the blended rim into 'unknown' and shrink shapes).
+    """
+    p = rgb[..., :3].astype(np.float32) - PALETTE[0]  # H W 3, relative to white
+    v = PALETTE[1:] - PALETTE[0]  # 6 3 white -> colour
+    t = np.clip(p @ v.T / (v * v).sum(-1), 0, 1)  # H W 6 position along each blend line
+    d2 = ((p[..., None, :] - t[..., None] * v) ** 2).sum(-1)  # H W 6 squared distance to the line
+    best = d2.argmin(-1)
+    t_best = np.take_along_axis(t, best[..., None], -1)[..., 0]
+    cls = np.where(t_best >= 0.5, best + 1, 0)
+    cls[np.take_along_axis(d2, best[..., None], -1)[..., 0] > max_dist * max_dist] = UNKNOWN
     return cls
 
 
@@ -109,14 +121,14 @@ def _templates(w: int, h: int) -> dict[str, np.ndarray]:
 
 
 def classify_shape(mask: np.ndarray, min_iou: float = MIN_IOU) -> tuple[str, float]:
-    """Best-matching shape of a component cropped to its bounding box, by IoU with ideal templates
-    (more robust to blur than the fill ratio alone: a blurred square keeps its straight sides)."""
+    """Shape of a component cropped to its bounding box -> (best shape, its template IoU); the IoU
+    uses the whole outline, so it separates shapes better than the box fill ratio alone."""
     h, w = mask.shape
     if not 0.7 <= w / h <= 1.45:  # even-sized triangles lose their apex row, so allow a little height loss
         return "unknown", 0.0
-    ious = {name: (mask & t).sum() / (mask | t).sum() for name, t in _templates(w, h).items()}
-    best = max(ious, key=ious.get)
-    return (best if ious[best] >= min_iou else "unknown"), float(ious[best])
+    ious = {name: float((mask & t).sum() / (mask | t).sum()) for name, t in _templates(w, h).items()}
+    shape = max(ious, key=ious.get)
+    return (shape, ious[shape]) if ious[shape] >= min_iou else ("unknown", ious[shape])
 
 
 def read_scene(image: Image.Image | np.ndarray, max_dist: float = MAX_DIST,
@@ -150,7 +162,8 @@ def read_scene(image: Image.Image | np.ndarray, max_dist: float = MAX_DIST,
             continue
         box = (slice(y0[i], y1[i]), slice(x0[i], x1[i]))
         shape, match = classify_shape(labels[box] == i)
-        cx, cy, side = float(mean_x[i]) + 0.5, float(mean_y[i]) + 0.5, float(max(x1[i] - x0[i], y1[i] - y0[i]))
+        cx, cy = float(mean_x[i]) + 0.5, float(mean_y[i]) + 0.5
+        side = float(max(x1[i] - x0[i], y1[i] - y0[i]))
         if shape == "triangle":
             cy -= side / 6  # a triangle's centroid lies 2/3 down its box; report the box centre
         objects.append(Obj(shape, CLASS_NAMES[c], cx, cy, side))

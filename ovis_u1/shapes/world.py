@@ -6,6 +6,20 @@ recover a generator scene exactly and makes every caption, answer and edit check
 
 Coordinates are pixels with pixel i spanning [i, i+1); `Obj.cx, Obj.cy` is the centre of the object's
 bounding square and y grows downwards, so "above" means a smaller cy.
+
+Templates (articles follow the next word: "an orange circle"; numbers are words, two..four):
+  text-to-image, by category   single_object "a circle" | colors "a red circle" | counting "three squares",
+      "three blue squares" | two_object "a circle and a triangle" | color_attr "a yellow triangle and a
+      green circle" | position "a circle to the left of a square", "a red circle above a blue circle"
+      (to the left of / to the right of / above / below) | scene: `describe` of a random scene
+  questions -> answers   "What color is the triangle?" -> "red" | "What shape is the blue object?" ->
+      "circle" | "How many squares are there?", "How many red objects are there?", "How many objects are
+      there?" -> "zero".."four" | "Is the red circle to the left of the blue square?" -> "yes"/"no" |
+      "Describe the image." -> `describe` | two images: "Which image has more circles?", "... fewer
+      circles?", "Which image has a red square?" -> "the first image"/"the second image"
+  edit instructions   "make the circle blue" | "remove the red square" | "add a green triangle" | "turn the
+      square into a circle" (colour and box kept) | "move the circle to the left" (left/right/top/bottom:
+      against that border); "the circle" when its shape is unique, else "the red circle" when that is
 """
 
 from __future__ import annotations
@@ -106,8 +120,8 @@ def relations(a: Obj, b: Obj) -> set[str]:
 
 def _clearly(a: Obj, b: Obj, relation: str) -> bool:
     """The relation holds and its axis dominates 2:1, so no perpendicular relation can hold too."""
-    along, across = (a.cx - b.cx, a.cy - b.cy) if relation in ("left of", "right of") else (
-        a.cy - b.cy, a.cx - b.cx)
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    along, across = (dx, dy) if relation in ("left of", "right of") else (dy, dx)
     sign = -1 if relation in ("left of", "above") else 1
     return along * sign > 0 and abs(along) >= 2 * abs(across) and relations(a, b) == {relation}
 
@@ -128,13 +142,23 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _groups(pairs: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
+    """(shape, colour, count) of identical objects in canonical order: shape, then palette colour
+    (a reader's "unknown" sorts last)."""
+    def rank(seq: tuple[str, ...], x: str) -> int:
+        return seq.index(x) if x in seq else len(seq)
+
+    counts = Counter(pairs)
+    order = sorted(counts, key=lambda k: (rank(SHAPES, k[0]), rank(COLOR_NAMES, k[1]), k))
+    return [(shape, color, counts[shape, color]) for shape, color in order]
+
+
 def describe(scene: Scene) -> str:
-    """Canonical caption: groups of identical objects, ordered by shape then palette colour."""
-    groups = Counter((o.shape, o.color) for o in scene.objects)
+    """Canonical caption, e.g. 'two red circles and a blue square'."""
+    groups = _groups([(o.shape, o.color) for o in scene.objects])
     if not groups:
         return "an empty canvas"
-    order = sorted(groups, key=lambda k: (SHAPES.index(k[0]), COLOR_NAMES.index(k[1])))
-    return _join([phrase(shape, color, groups[shape, color]) for shape, color in order])
+    return _join([phrase(shape, color, count) for shape, color, count in groups])
 
 
 @dataclass(frozen=True)
@@ -204,9 +228,8 @@ def _apart(a: Obj, b: Obj, gap: int) -> bool:
 
 
 def _fits(obj: Obj, others: list[Obj], canvas: int) -> bool:
-    m, half = _gap(canvas), obj.size / 2
-    inside = m <= obj.cx - half and obj.cx + half <= canvas - m and m <= obj.cy - half and \
-        obj.cy + half <= canvas - m
+    lo, hi = _gap(canvas) + obj.size / 2, canvas - _gap(canvas) - obj.size / 2
+    inside = lo <= obj.cx <= hi and lo <= obj.cy <= hi
     return inside and all(_apart(obj, o, _gap(canvas)) for o in others)
 
 
@@ -237,7 +260,8 @@ def _scene(rng: np.random.Generator, canvas: int, pairs: list[tuple[str, str]],
     return Scene(_layout(rng, canvas, kinds, accept), canvas)
 
 
-def _random_pairs(rng: np.random.Generator, n: int, shapes=SHAPES, colors=COLOR_NAMES) -> list[tuple[str, str]]:
+def _random_pairs(rng: np.random.Generator, n: int, shapes=SHAPES,
+                  colors=COLOR_NAMES) -> list[tuple[str, str]]:
     return [(_pick(rng, shapes), _pick(rng, colors)) for _ in range(n)]
 
 
@@ -272,9 +296,8 @@ def sample_spec(rng: np.random.Generator, category: str | None = None, colored: 
         second = SpecItem(_pick(rng, SHAPES), c2) if colored else SpecItem(s2)
         return Spec(category, (SpecItem(s1, c1 if colored else None), second), _pick(rng, RELATIONS))
     if category == "scene":
-        groups = Counter(_random_pairs(rng, int(rng.integers(1, MAX_OBJECTS + 1))))
-        order = sorted(groups, key=lambda k: (SHAPES.index(k[0]), COLOR_NAMES.index(k[1])))
-        return Spec(category, tuple(SpecItem(s, c, groups[s, c]) for s, c in order))
+        groups = _groups(_random_pairs(rng, int(rng.integers(1, MAX_OBJECTS + 1))))
+        return Spec(category, tuple(SpecItem(*g) for g in groups))
     raise ValueError(f"unknown text-to-image category {category!r}")
 
 
@@ -313,10 +336,11 @@ def _counted(rng, size, k, by: str, value: str | None) -> Scene:
     """A scene with exactly k objects of shape/colour `value` (by="shape"/"color") and 0+ others."""
     m = int(rng.integers(max(0, 1 - k), MAX_OBJECTS - k + 1))
     if by == "shape":
-        pairs = _random_pairs(rng, k, shapes=[value]) + _random_pairs(rng, m, shapes=[s for s in SHAPES if s != value])
+        rest = [s for s in SHAPES if s != value]
+        pairs = _random_pairs(rng, k, shapes=[value]) + _random_pairs(rng, m, shapes=rest)
     else:
-        pairs = _random_pairs(rng, k, colors=[value]) + _random_pairs(
-            rng, m, colors=[c for c in COLOR_NAMES if c != value])
+        rest = [c for c in COLOR_NAMES if c != value]
+        pairs = _random_pairs(rng, k, colors=[value]) + _random_pairs(rng, m, colors=rest)
     order = rng.permutation(len(pairs))
     return _scene(rng, size, [pairs[i] for i in order])
 
@@ -338,8 +362,10 @@ def _vqa_relation(rng, size):
     extra = [p for p in _random_pairs(rng, int(rng.integers(0, 2))) if p not in (a, b)]
     true = _pick(rng, RELATIONS)
     scene = _scene(rng, size, [a, b, *extra], accept=lambda objs: _clearly(objs[0], objs[1], true))
-    asked = true if rng.random() < 0.5 else _pick_other(rng, RELATIONS, true)
-    x, y = scene.objects[:2] if rng.random() < 0.5 else scene.objects[1::-1]
+    swap = bool(rng.random() < 0.5)
+    x, y = scene.objects[1::-1] if swap else scene.objects[:2]
+    holds = OPPOSITE[true] if swap else true
+    asked = holds if rng.random() < 0.5 else _pick_other(rng, RELATIONS, holds)  # yes half the time
     question = f"Is the {x.color} {x.shape} {RELATION_PHRASES[asked]} the {y.color} {y.shape}?"
     return [scene], question, "yes" if asked in relations(x, y) else "no"
 
@@ -373,7 +399,8 @@ _VQA = {"color": _vqa_color, "shape": _vqa_shape, "count": _vqa_count, "relation
         "describe": _vqa_describe, "compare": _vqa_compare}
 
 
-def sample_vqa(rng: np.random.Generator, kind: str | None = None, size: int = 64) -> tuple[list[Scene], str, str]:
+def sample_vqa(rng: np.random.Generator, kind: str | None = None,
+               size: int = 64) -> tuple[list[Scene], str, str]:
     """(scenes, question, answer); answers are short, lowercase and exact."""
     return _VQA[kind or _pick(rng, VQA_KINDS)](rng, size)
 
@@ -436,7 +463,8 @@ def _edit(rng, size, kind):
     raise ValueError(f"unknown edit kind {kind!r}")
 
 
-def sample_edit(rng: np.random.Generator, kind: str | None = None, size: int = 64) -> tuple[Scene, str, Scene]:
+def sample_edit(rng: np.random.Generator, kind: str | None = None,
+                size: int = 64) -> tuple[Scene, str, Scene]:
     """(source, instruction, target): the target differs from the source only by the instruction."""
     kind = kind or _pick(rng, EDIT_KINDS)
     for _ in range(200):

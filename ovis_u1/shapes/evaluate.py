@@ -1,0 +1,169 @@
+"""Evaluators for the shapes world: a mini-GenEval for text-to-image, VQA exact match, edit success.
+
+The scoring functions take images and predictions only, so they are independent of any model; every
+reported figure is a dict {"value", "n", "ci95": [lo, hi]} with a Wilson 95% interval.
+`evaluate_model` is a convenience driver for a model with `text_to_image(prompts, seed=)`,
+`answer(question, images=)` and `edit(image, instruction, seed=)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+
+import numpy as np
+from PIL import Image
+
+from ovis_u1.shapes.reader import read_scene
+from ovis_u1.shapes.world import (
+    EDIT_KINDS,
+    GENEVAL_CATEGORIES,
+    VQA_KINDS,
+    Obj,
+    Scene,
+    ShapesWorld,
+    Spec,
+    relations,
+    sample_spec,
+)
+
+EDIT_TOLERANCE = 1 / 8  # an edited object may sit this fraction of the side away from its target
+
+
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (stays inside [0, 1], sane at k = 0 or n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def figure(k: float, n: int) -> dict:
+    return {"value": k / n if n else float("nan"), "n": n, "ci95": list(wilson_interval(k, n))}
+
+
+# ------------------------------------------------------------------------------------ mini-GenEval
+
+def geneval_prompts(n: int, seed: int = 0) -> list[tuple[str, Spec]]:
+    """n prompts cycling through GenEval's six categories, in the captions' training forms: counting and
+    position without colours ("three squares"), as GenEval's are."""
+    rng = np.random.default_rng([seed, 0x6E7A])
+    cats = GENEVAL_CATEGORIES
+    specs = [sample_spec(rng, cats[i % len(cats)], colored=False) for i in range(n)]
+    return [(spec.caption(), spec) for spec in specs]
+
+
+def spec_satisfied(objects: list[Obj], spec: Spec) -> bool:
+    """Exactly the spec's objects (no others, so large specks and unknown blobs fail), in its relation."""
+    slots = [(k, item) for k, item in enumerate(spec.items) for _ in range(item.count)]
+    if len(objects) != len(slots):
+        return False
+    for order in itertools.permutations(objects):
+        if all(o.shape == it.shape and it.color in (None, o.color) for o, (_, it) in zip(order, slots)):
+            if spec.relation is None:
+                return True
+            # Relation specs have one object per item; check items[0] against items[1].
+            a, b = (next(o for o, (k, _) in zip(order, slots) if k == j) for j in (0, 1))
+            if spec.relation in relations(a, b):
+                return True
+    return False
+
+
+def geneval_correct(image: Image.Image | np.ndarray, spec: Spec) -> bool:
+    return spec_satisfied(read_scene(image).objects, spec)
+
+
+def score_geneval(images: list, specs: list[Spec]) -> dict:
+    """Per-category accuracy and "overall" = mean over the categories present (GenEval's convention);
+    overall's interval treats that mean as a proportion over all n images."""
+    if len(images) != len(specs):
+        raise ValueError(f"{len(images)} images for {len(specs)} specs")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for image, spec in zip(images, specs):
+        hits[spec.category].append(geneval_correct(image, spec))
+    order = [c for c in GENEVAL_CATEGORIES if c in hits] + sorted(set(hits) - set(GENEVAL_CATEGORIES))
+    report = {c: figure(sum(hits[c]), len(hits[c])) for c in order}
+    n = len(specs)
+    mean = float(np.mean([report[c]["value"] for c in order])) if order else float("nan")
+    report["overall"] = {"value": mean, "n": n, "ci95": list(wilson_interval(mean * n if n else 0, n))}
+    return report
+
+
+# ---------------------------------------------------------------------------------- VQA and edits
+
+def vqa_accuracy(preds: list[str], answers: list[str]) -> dict:
+    if len(preds) != len(answers):
+        raise ValueError(f"{len(preds)} predictions for {len(answers)} answers")
+    return figure(sum(p.strip().lower() == a.strip().lower() for p, a in zip(preds, answers)), len(answers))
+
+
+def scenes_match(found: Scene, target: Scene, tol: float = EDIT_TOLERANCE) -> bool:
+    """Same multiset of (shape, colour) and, per kind, a pairing with centres within `tol` x side
+    (positions are compared as fractions of each scene's side, so sizes may differ)."""
+    def key(o: Obj) -> tuple[str, str]:
+        return o.shape, o.color
+
+    if sorted(map(key, found.objects)) != sorted(map(key, target.objects)):
+        return False
+    for kind in set(map(key, target.objects)):
+        a = [(o.cx / found.size, o.cy / found.size) for o in found.objects if key(o) == kind]
+        b = [(o.cx / target.size, o.cy / target.size) for o in target.objects if key(o) == kind]
+        if not any(all(abs(p[0] - q[0]) <= tol and abs(p[1] - q[1]) <= tol for p, q in zip(perm, b))
+                   for perm in itertools.permutations(a)):
+            return False
+    return True
+
+
+def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = EDIT_TOLERANCE) -> dict:
+    if len(edited_images) != len(target_scenes):
+        raise ValueError(f"{len(edited_images)} images for {len(target_scenes)} targets")
+    hits = sum(scenes_match(read_scene(im).scene, t, tol) for im, t in zip(edited_images, target_scenes))
+    return figure(hits, len(target_scenes))
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def _one_image(out) -> Image.Image:
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _by_kind(score, xs: list, ys: list, kinds: list[str], order: tuple[str, ...]) -> dict:
+    """{"overall": score(xs, ys)} plus one score per kind, in `order`."""
+    report = {"overall": score(xs, ys)}
+    for kind in (k for k in order if k in kinds):
+        pick = [i for i, k in enumerate(kinds) if k == kind]
+        report[kind] = score([xs[i] for i in pick], [ys[i] for i in pick])
+    return report
+
+
+def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8) -> dict:
+    """Mini-GenEval on n prompts, then n held-out VQA samples and n held-out edits (kinds cycled, so
+    each kind gets its own figure as well as the overall one)."""
+    prompts = geneval_prompts(n, seed)
+    images: list = []
+    for start in range(0, n, batch_size):
+        chunk = [p for p, _ in prompts[start:start + batch_size]]
+        images += list(model.text_to_image(chunk, seed=seed + start))
+    report = {"geneval": score_geneval(images, [s for _, s in prompts])}
+
+    world = ShapesWorld(size, seed, split="heldout")
+    preds, answers, kinds = [], [], []
+    for i in range(n):
+        kinds.append(VQA_KINDS[i % len(VQA_KINDS)])
+        scenes, question, answer = world.vqa_scenes(i, kinds[-1])
+        preds.append(model.answer(question, images=[s.render() for s in scenes]))
+        answers.append(answer)
+    report["vqa"] = _by_kind(vqa_accuracy, preds, answers, kinds, VQA_KINDS)
+
+    edited, targets, kinds = [], [], []
+    for i in range(n):
+        kinds.append(EDIT_KINDS[i % len(EDIT_KINDS)])
+        source, instruction, target = world.edit_scenes(i, kinds[-1])
+        edited.append(_one_image(model.edit(source.render(), instruction, seed=seed + i)))
+        targets.append(target)
+    report["edit"] = _by_kind(edit_success, edited, targets, kinds, EDIT_KINDS)
+    return report
