@@ -209,7 +209,7 @@ def _shapes() -> OvisU1Config:
     """The shipped default model: 64x64 shapes-world images, every component small (~7M parameters).
 
     A 4x VAE with 4 latent channels gives 16x16 latents = 64 decoder tokens of 16 values, few enough
-    that velocity prediction is easy for a 192-wide decoder; 8 px ViT patches give 16 visual tokens.
+    that velocity prediction is easy for a 128-wide decoder; 8 px ViT patches give 16 visual tokens.
     """
     return OvisU1Config(
         vision=VisionConfig(patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
@@ -218,12 +218,12 @@ def _shapes() -> OvisU1Config:
         llm=LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                       max_position_embeddings=1024, rope_theta=10000.0),
-        refiner=RefinerConfig(in_dim=256, hidden_size=192, num_heads=4, depth=2),
-        decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=192, num_heads=4, depth=2,
-                              depth_single_blocks=3, axes_dim=(8, 20, 20), vec_in_dim=192,
+        refiner=RefinerConfig(in_dim=256, hidden_size=128, num_heads=4, depth=2),
+        decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=128, num_heads=4, depth=2,
+                              depth_single_blocks=3, axes_dim=(8, 12, 12), vec_in_dim=128,
                               context_in_dim=256),
-        vae=VAEConfig(latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-                      norm_num_groups=16, scaling_factor=1.0, shift_factor=0.0,
+        vae=VAEConfig(latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+                      norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0,
                       mid_block_add_attention=False),
         generation=GenerationConfig(height=64, width=64, num_inference_steps=30, guidance_scale=3.0,
                                     edit_guidance_scale=3.0, image_guidance_scale=1.5, use_time_shift=False,

@@ -1,0 +1,375 @@
+"""The one visible training loop: stages in order, mixed-task batches, exact resume, atomic checkpoints.
+
+Runs under Hugging Face accelerate: one process on CPU, DDP/FSDP when launched on several GPUs
+(`accelerate launch -m train ...`) or several CPU ranks (`torchrun --nproc_per_node 2 -m train ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ovis_u1.config import OvisU1Config
+from ovis_u1.model import OvisU1
+
+from .config import TrainArgs
+from .data import TaskData
+from .losses import TASK_LOSSES
+from .lora import apply_lora, lora_parameters, merge_lora
+from .stages import StageArgs
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer moments that an exact resume needs."""
+
+    stage_index: int = 0
+    stage_step: int = 0  # steps done in the current stage
+    global_step: int = 0
+    drawn: dict[str, int] = field(default_factory=dict)  # samples drawn per task (data position)
+    done: bool = False
+
+
+class TrainingModule(nn.Module):
+    """What DDP/FSDP wraps: one forward = the summed losses of a mixed-task batch."""
+
+    def __init__(self, model: OvisU1, cond_dropout: float):
+        super().__init__()
+        self.model = model
+        self.cond_dropout = cond_dropout
+
+    def forward(self, batches: dict[str, list], weights: dict[str, float], generator: torch.Generator):
+        parts = {}
+        for task, samples in batches.items():
+            fn = TASK_LOSSES[task]
+            kwargs = {"cond_dropout": self.cond_dropout} if task in ("t2i", "edit") else {}
+            parts[task] = fn(self.model, samples, generator, **kwargs)
+        total = sum(weights[t] * parts[t] for t in parts) / sum(weights[t] for t in parts)
+        return total, {t: float(v.detach()) for t, v in parts.items()}
+
+
+# ---- model construction and freezing ----------------------------------------------------------------------
+def build_model(args: TrainArgs, data: TaskData) -> OvisU1:
+    if args.init:
+        model = OvisU1.from_pretrained(args.init)
+    else:
+        from ovis_u1.config import get_preset
+        from ovis_u1.tokenizer import build_tokenizer, default_corpus
+        config = get_preset(args.preset)
+        torch.manual_seed(args.seed)
+        tokenizer = build_tokenizer(default_corpus() + data.corpus(), vocab_size=config.llm.vocab_size)
+        model = OvisU1(config, tokenizer=tokenizer)
+    if args.lora.enabled:
+        apply_lora(model, args.lora)
+    return model
+
+
+def set_trainable(model: OvisU1, stage: StageArgs, lora_enabled: bool = False) -> list[str]:
+    """Freeze everything, then unfreeze the stage's components (only their LoRA weights when enabled)."""
+    model.requires_grad_(False)
+    components = model.components()
+    for name in stage.trainable:
+        module = components[name]
+        adapters = lora_parameters(module) if lora_enabled else []
+        if adapters:
+            for p in adapters:
+                p.requires_grad_(True)
+        else:
+            module.requires_grad_(True)
+    model.train()
+    model.vae.eval()  # frozen or not, it has no dropout/batch-norm; eval keeps diffusers quiet
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lr_lambda(step: int, total: int, warmup_frac: float, min_frac: float) -> float:
+    warmup = max(1, int(total * warmup_frac))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def calibrate_vae(model: OvisU1, data: TaskData, n: int = 256) -> None:
+    """Set the VAE's shift/scale so normalised latents have zero mean and unit variance."""
+    from .losses import images_to_tensor
+    ae = model.vae.autoencoder.eval()
+    z = torch.cat([ae.encode(images_to_tensor(data.batch("vae", i, 32), model.device)).latent_dist.mean
+                   for i in range(0, n, 32)])
+    cfg = model.config.vae
+    cfg.shift_factor, cfg.scaling_factor = float(z.mean()), float(1.0 / z.std())
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, args: TrainArgs,
+                    generator: torch.Generator, keep: int) -> Path:
+    """Write into a temp folder, rename it into place, then move the `latest` pointer: a crash at any
+    moment leaves the previous checkpoint intact and pointed to."""
+    ckpts = out_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state.global_step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpts))
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+          if not (model.config.llm.tie_word_embeddings and k == "llm.lm_head.weight")}
+    save_file(sd, tmp / "model.safetensors")
+    (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    args.save(tmp / "train_config.json")
+    final = ckpts / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(ckpts / "latest", name)
+    for old in sorted(p for p in ckpts.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = out_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, args: TrainArgs) -> tuple[OvisU1, TrainState, dict | None, torch.Tensor]:
+    from transformers import PreTrainedTokenizerFast
+    config = OvisU1Config.from_dict(json.loads((path / "model_config.json").read_text()))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
+    model = OvisU1(config, tokenizer=tokenizer)
+    if args.lora.enabled:
+        apply_lora(model, args.lora)
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    missing = [k for k in missing if k != "llm.lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    opt = None
+    if (path / "optimizer.safetensors").exists():
+        opt = _unflatten_optimizer(load_file(path / "optimizer.safetensors"),
+                                   json.loads((path / "optimizer.json").read_text()))
+    return model, state, opt, load_file(path / "rng.safetensors")["generator"]
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def scaled_stages(args: TrainArgs) -> list[StageArgs]:
+    stages = [dataclasses.replace(s, steps=max(0, round(s.steps * args.step_scale)),
+                                  batch_size=max(1, round(s.batch_size * args.batch_scale)),
+                                  lr=s.lr * args.lr_scale) for s in args.stages]
+    if args.only_stages is not None:
+        unknown = set(args.only_stages) - {s.name for s in stages}
+        if unknown:
+            raise ValueError(f"only_stages names unknown stages {sorted(unknown)}; have {[s.name for s in stages]}")
+        stages = [s for s in stages if s.name in args.only_stages]
+    for s in stages:
+        s.validate()
+    return stages
+
+
+def train(args: TrainArgs, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=args.cpu, kwargs_handlers=[DistributedDataParallelKwargs(
+        find_unused_parameters=True)])
+    out_dir = Path(args.out_dir)
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args.save(out_dir / "train_config.json")
+    stages = scaled_stages(args)
+    data = TaskData(args.data)
+    generator = torch.Generator()
+    opt_state = None
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        model, state, opt_state, rng = load_checkpoint(ckpt, args)
+        generator.set_state(rng)
+        _truncate_log(out_dir / "log.jsonl", state.global_step)
+    else:
+        if resume and main:
+            print(f"no checkpoint in {out_dir}; starting from scratch")
+        model = build_model(args, data)
+        state = TrainState()
+        generator.manual_seed(args.seed * 1000 + accelerator.process_index)
+    model.to(accelerator.device)
+    log = _Logger(out_dir, main, args.progress)
+
+    while state.stage_index < len(stages):
+        stage = stages[state.stage_index]
+        trainable = set_trainable(model, stage, args.lora.enabled)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
+                                      weight_decay=args.optim.weight_decay)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+            opt_state = None
+        module, optimizer = accelerator.prepare(TrainingModule(model, args.data.cond_dropout), optimizer)
+        log.stage(stage, len(trainable), sum(p.numel() for p in params))
+        rows = stage.split_batch(stage.batch_size)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        while state.stage_step < stage.steps:
+            for g in optimizer.param_groups:
+                g["lr"] = stage.lr * lr_lambda(state.stage_step, stage.steps, args.optim.warmup_frac,
+                                               args.optim.min_lr_frac)
+            t0 = time.perf_counter()
+            batches = {}
+            for task, n in rows.items():
+                local = max(1, n // world)
+                start = state.drawn.get(task, 0) + rank * local
+                batches[task] = data.batch(task, start, local)
+                state.drawn[task] = state.drawn.get(task, 0) + local * world
+            loss, parts = module(batches, stage.tasks, generator)
+            accelerator.backward(loss)
+            if args.optim.grad_clip:
+                accelerator.clip_grad_norm_(params, args.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.stage_step += 1
+            state.global_step += 1
+            log.step(state, stage, float(loss.detach()), parts, optimizer.param_groups[0]["lr"],
+                     sum(len(b) for b in batches.values()) * world / (time.perf_counter() - t0), args.log_every)
+            if state.stage_step == stage.steps and "vae" in stage.trainable:
+                calibrate_vae(model, data)
+            if state.stage_step == stage.steps:
+                state.stage_index += 1
+                state.stage_step = 0
+            if main and (state.global_step % args.ckpt_every == 0 or state.stage_step == 0):
+                save_checkpoint(out_dir, model, optimizer if state.stage_step else None, state, args, generator,
+                                args.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            if state.stage_step == 0:
+                break
+        if stage.steps == 0:
+            state.stage_index += 1
+        accelerator.free_memory()
+    state.done = True
+    log.close()
+    export = Path(args.export) if args.export else out_dir / "final"
+    if main:
+        if args.lora.enabled:
+            merge_lora(model)
+        model.eval().save_pretrained(export)
+        log.plot()
+        print(f"saved the trained model to {export}")
+    accelerator.wait_for_everyone()
+    return export
+
+
+def _truncate_log(path: Path, global_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["global_step"] <= global_step]
+    _atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+class _Logger:
+    """Progress bar with loss and samples/s, a JSONL loss log, and a loss-curve PNG (main process only)."""
+
+    def __init__(self, out_dir: Path, main: bool, progress: bool):
+        self.out_dir, self.main, self.progress = out_dir, main, progress
+        self.bar = None
+
+    def stage(self, stage: StageArgs, n_tensors: int, n_params: int) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        print(f"[{stage.name}] training {stage.trainable} ({n_params:,} parameters in {n_tensors} tensors) on "
+              f"{stage.tasks}: {stage.steps} steps, batch {stage.batch_size}, lr {stage.lr:g}", flush=True)
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=stage.steps, desc=stage.name, dynamic_ncols=True)
+
+    def step(self, state: TrainState, stage: StageArgs, loss: float, parts: dict, lr: float, sps: float,
+             every: int) -> None:
+        if not self.main:
+            return
+        step_in_stage = state.stage_step or stage.steps
+        if self.bar is not None:
+            self.bar.n = step_in_stage
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}", refresh=False)
+            self.bar.refresh()
+        if state.global_step % every == 0 or step_in_stage in (1, stage.steps):
+            rec = {"global_step": state.global_step, "stage": stage.name, "step": step_in_stage, "loss": loss,
+                   **{f"loss_{k}": v for k, v in parts.items()}, "lr": lr, "samples_per_s": sps}
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def plot(self) -> None:
+        plot_losses(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
+
+
+def plot_losses(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not log_path.exists():
+        return
+    recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln]
+    stages = list(dict.fromkeys(r["stage"] for r in recs))
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], stages):
+        rs = [r for r in recs if r["stage"] == name]
+        for key in sorted({k for r in rs for k in r if k.startswith("loss_")}):
+            pts = [(r["step"], r[key]) for r in rs if key in r]
+            ax.plot(*zip(*pts), label=key[5:], lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
