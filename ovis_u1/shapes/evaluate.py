@@ -140,30 +140,96 @@ def _by_kind(score, xs: list, ys: list, kinds: list[str], order: tuple[str, ...]
     return report
 
 
-def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8) -> dict:
+def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8,
+                   tasks: tuple[str, ...] = ("geneval", "vqa", "edit"), **sampling) -> dict:
     """Mini-GenEval on n prompts, then n held-out VQA samples and n held-out edits (kinds cycled, so
-    each kind gets its own figure as well as the overall one)."""
-    prompts = geneval_prompts(n, seed)
-    images: list = []
-    for start in range(0, n, batch_size):
-        chunk = [p for p, _ in prompts[start:start + batch_size]]
-        images += list(model.text_to_image(chunk, seed=seed + start))
-    report = {"geneval": score_geneval(images, [s for _, s in prompts])}
-
+    each kind gets its own figure as well as the overall one). `sampling` (mode, num_inference_steps,
+    guidance_scale, image_guidance_scale) goes to text_to_image and edit."""
+    report: dict = {}
     world = ShapesWorld(size, seed, split="heldout")
-    preds, answers, kinds = [], [], []
-    for i in range(n):
-        kinds.append(VQA_KINDS[i % len(VQA_KINDS)])
-        scenes, question, answer = world.vqa_scenes(i, kinds[-1])
-        preds.append(model.answer(question, images=[s.render() for s in scenes]))
-        answers.append(answer)
-    report["vqa"] = _by_kind(vqa_accuracy, preds, answers, kinds, VQA_KINDS)
-
-    edited, targets, kinds = [], [], []
-    for i in range(n):
-        kinds.append(EDIT_KINDS[i % len(EDIT_KINDS)])
-        source, instruction, target = world.edit_scenes(i, kinds[-1])
-        edited.append(_one_image(model.edit(source.render(), instruction, seed=seed + i)))
-        targets.append(target)
-    report["edit"] = _by_kind(edit_success, edited, targets, kinds, EDIT_KINDS)
+    if "geneval" in tasks:
+        prompts = geneval_prompts(n, seed)
+        images: list = []
+        for start in range(0, n, batch_size):
+            chunk = [p for p, _ in prompts[start:start + batch_size]]
+            images += list(model.text_to_image(chunk, seed=seed + start, progress=False, **sampling))
+        report["geneval"] = score_geneval(images, [s for _, s in prompts])
+    if "vqa" in tasks:
+        preds, answers, kinds = [], [], []
+        for start in range(0, n, batch_size):
+            questions, image_lists = [], []
+            for i in range(start, min(n, start + batch_size)):
+                kinds.append(VQA_KINDS[i % len(VQA_KINDS)])
+                scenes, question, answer = world.vqa_scenes(i, kinds[-1])
+                questions.append(question)
+                image_lists.append([sc.render() for sc in scenes])
+                answers.append(answer)
+            preds += model.answer(questions, images=image_lists)
+        report["vqa"] = _by_kind(vqa_accuracy, preds, answers, kinds, VQA_KINDS)
+    if "edit" in tasks:
+        edited, targets, kinds = [], [], []
+        edit_kwargs = {k: v for k, v in sampling.items() if k != "guidance_scale"}
+        if "edit_guidance_scale" in sampling:
+            edit_kwargs["guidance_scale"] = edit_kwargs.pop("edit_guidance_scale")
+        for i in range(n):
+            kinds.append(EDIT_KINDS[i % len(EDIT_KINDS)])
+            source, instruction, target = world.edit_scenes(i, kinds[-1])
+            edited.append(_one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
+                                                **edit_kwargs)))
+            targets.append(target)
+        report["edit"] = _by_kind(edit_success, edited, targets, kinds, EDIT_KINDS)
     return report
+
+
+def format_report(report: dict) -> str:
+    """A markdown table: figure, value, 95% CI, n."""
+    rows = ["| task | figure | value | 95% CI | n |", "|---|---|---|---|---|"]
+    for task, figures in report.items():
+        for name, f in figures.items():
+            if isinstance(f, dict) and "value" in f:
+                lo, hi = f["ci95"]
+                rows.append(f"| {task} | {name} | {f['value']:.3f} | [{lo:.2f}, {hi:.2f}] | {f['n']} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m ovis_u1.shapes.evaluate",
+                                description="Evaluate a checkpoint on held-out shapes-world scenes.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--n", type=int, default=120, help="samples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="exact", choices=["exact", "fast", "plain"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--edit-guidance", type=float, default=None)
+    p.add_argument("--image-guidance", type=float, default=None)
+    p.add_argument("--tasks", default="geneval,vqa,edit")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    a = p.parse_args(argv)
+    from ovis_u1.model import OvisU1
+    model = OvisU1.from_pretrained(a.checkpoint)
+    sampling = {"mode": a.mode}
+    for key, value in (("num_inference_steps", a.steps), ("guidance_scale", a.guidance),
+                       ("edit_guidance_scale", a.edit_guidance), ("image_guidance_scale", a.image_guidance)):
+        if value is not None:
+            sampling[key] = value
+    t0 = time.perf_counter()
+    report = evaluate_model(model, n=a.n, seed=a.seed, tasks=tuple(a.tasks.split(",")), **sampling)
+    report["meta"] = {"checkpoint": a.checkpoint or "default", "n": a.n, "seed": a.seed, **sampling,
+                      "seconds": round(time.perf_counter() - t0, 1)}
+    print(format_report({k: v for k, v in report.items() if k != "meta"}))
+    print(json.dumps(report["meta"]))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=2)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
