@@ -44,6 +44,7 @@ class LoRAArgs:
     # Linear layers (by name suffix) that get adapters inside the trainable components.
     decoder_targets: tuple[str, ...] = ("qkv", "proj", "linear1", "linear2", "img_mlp.0", "img_mlp.2",
                                         "txt_mlp.0", "txt_mlp.2")
+    refiner_targets: tuple[str, ...] = ("self_attn_qkv", "self_attn_proj", "mlp.fc1", "mlp.fc2")
     llm_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

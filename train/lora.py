@@ -1,5 +1,9 @@
-"""LoRA fine-tuning of the decoder and the LLM through peft (adapters injected in place, so the
-parameter names of everything else stay those of the checkpoint)."""
+"""LoRA fine-tuning of the visual decoder (with its refiner) and the LLM through peft.
+
+Adapters are injected in place, so the parameter names of everything else stay those of the checkpoint.
+In a LoRA run a stage trains only the adapters of the components that have them; components without
+adapters (vision, adapter, vte, vae) still train fully when a stage names them.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ def _targets(module: nn.Module, suffixes) -> list[str]:
 
 
 def apply_lora(model, args) -> None:
-    for component, suffixes in (("decoder", args.decoder_targets), ("llm", args.llm_targets)):
+    for component, suffixes in (("decoder", args.decoder_targets), ("refiner", args.refiner_targets),
+                                ("llm", args.llm_targets)):
         module = getattr(model, component)
         targets = _targets(module, suffixes)
         if not targets:
@@ -29,7 +34,7 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def merge_lora(model) -> None:
     """Fold every adapter into its base Linear and put the plain Linear back (checkpoint names restored)."""
-    for component in ("decoder", "llm"):
+    for component in ("decoder", "refiner", "llm"):
         root = getattr(model, component)
         for name, m in list(root.named_modules()):
             if isinstance(m, LoraLayer):
