@@ -130,8 +130,11 @@ def config_from_published(d: dict) -> OvisU1Config:
     adapter = _pick(AdapterConfig, {**dataclasses.asdict(full.adapter), **vt})
     llm = _pick(LLMConfig, {**dataclasses.asdict(full.llm), **d.get("llm_config", {})})
     decoder = _pick(DecoderConfig, {**dataclasses.asdict(full.decoder), **gen})
+    # Only the `refiner_*` fields describe the refiner: the decoder's own `num_heads`/`depth`/... must not
+    # leak into it (the published config states the decoder only; its refiner is 2 blocks of 24 heads).
+    refiner_fields = {k: v for k, v in gen.items() if k.startswith("refiner_")}
     refiner = _pick(RefinerConfig, {**dataclasses.asdict(full.refiner), "in_dim": decoder.context_in_dim,
-                                    "hidden_size": decoder.hidden_size, **gen},
+                                    "hidden_size": decoder.hidden_size, **refiner_fields},
                     hidden_size="refiner_hidden_size", num_heads="refiner_num_heads", depth="refiner_depth",
                     mlp_ratio="refiner_mlp_ratio", qkv_bias="refiner_qkv_bias")
     vae = _pick(VAEConfig, {**dataclasses.asdict(full.vae), **gen.get("vae_config", {})})
@@ -174,6 +177,12 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
     if layout not in ("own", "published"):
         raise ValueError(f"layout {layout!r}; choose 'own' or 'published'")
     path = Path(path)
+    # The save replaces `path` as a whole, so never let it be a file or a folder of something else.
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; save_pretrained writes a checkpoint directory")
+    if path.is_dir() and not (path / "config.json").exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is a non-empty directory that holds no checkpoint (no config.json); "
+                              "refusing to replace its contents: save to a new or empty directory")
     tmp = _atomic_dir(path)
     try:
         sd = _state_for_saving(model)
@@ -235,7 +244,8 @@ def _read_config(path: Path) -> tuple[OvisU1Config, str]:
                               "*.safetensors")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json, so it is not an Ovis-U1 checkpoint")
+        raise CheckpointError(f"{path} has no config.json, so it is not an Ovis-U1 checkpoint."
+                              f"{_pickle_hint(path)}")
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -251,10 +261,7 @@ def _read_config(path: Path) -> tuple[OvisU1Config, str]:
 def _weight_files(path: Path, layout: str) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = (f" It holds {pickles}: pickle checkpoints are never loaded (they can run code); convert them "
-                "to safetensors." if pickles else "")
-        raise CheckpointError(f"no *.safetensors weights in {path}.{hint}")
+        raise CheckpointError(f"no *.safetensors weights in {path}.{_pickle_hint(path)}")
     index = path / "model.safetensors.index.json"
     if layout == "published" and index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -263,6 +270,12 @@ def _weight_files(path: Path, layout: str) -> list[Path]:
             raise CheckpointError(f"index names shards that are missing from {path}: {missing}")
         return [path / n for n in names]
     return files
+
+
+def _pickle_hint(path: Path) -> str:
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return (f" It holds {pickles}: pickle checkpoints are never loaded (they can run code); convert them "
+            "to safetensors." if pickles else "")
 
 
 def _read_tensors(files: list[Path], layout: str) -> dict[str, torch.Tensor]:

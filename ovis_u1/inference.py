@@ -74,6 +74,19 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+def _check_output_type(output_type: str) -> str:
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type {output_type!r}; choose 'pil' or 'latent'")
+    return output_type
+
+
+def _tokenizer(model):
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer (its checkpoint folder has no tokenizer files); "
+                         "set model.tokenizer before answering or generating")
+    return model.tokenizer
+
+
 def _check_count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
         raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_CALL}], got {n!r}")
@@ -100,8 +113,8 @@ def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int
 # ---- conditions --------------------------------------------------------------------------------------
 def encode_conditions(model, texts: Sequence[str], images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
     """Generation prompts (one image each) -> LLM condition [B, L, 2D] and its mask [B, L] (right padded)."""
-    batch = prepare_inputs(model.tokenizer, list(texts), [[im] for im in images], model.config, pad_side="right",
-                           max_length=model.config.generation.multimodal_max_length)
+    batch = prepare_inputs(_tokenizer(model), list(texts), [[im] for im in images], model.config,
+                           pad_side="right", max_length=model.config.generation.multimodal_max_length)
     cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)
     return cond, batch.attention_mask.to(cond.device).bool()
 
@@ -180,13 +193,17 @@ def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callb
 
 
 def _denoise_plain(model, x, img_ids, req: GenerationRequest, timesteps, callback) -> Tensor:
-    """The published loop: per sample, per step, per branch one forward, refiner included."""
-    out = []
+    """The published loop: per step, per sample, per branch one forward, refiner included.
+
+    Steps are the outer loop so the callback sees the whole batch after every step, as in the other modes.
+    """
     h, w = req.latent_hw
-    for s in range(x.shape[0]):
-        xs = x[s:s + 1]
-        for i in range(len(timesteps) - 1):
-            t, t_next = float(timesteps[i]), float(timesteps[i + 1])
+    total = len(timesteps) - 1
+    for i in range(total):
+        t, t_next = float(timesteps[i]), float(timesteps[i + 1])
+        rows = []
+        for s in range(x.shape[0]):
+            xs = x[s:s + 1]
             vs = []
             for b, (cond, mask) in enumerate(req.conds):
                 real = mask[s].sum()
@@ -194,15 +211,16 @@ def _denoise_plain(model, x, img_ids, req: GenerationRequest, timesteps, callbac
                 with_ref = req.ref is not None and req.ref_branches[b]
                 ref = req.ref[s:s + 1] if with_ref else None
                 ref_ids = latent_ids(1, h, w, index=1, device=x.device).to(x.dtype) if with_ref else None
-                vs.append(model.decoder(xs, img_ids[s:s + 1], txt, torch.zeros(1, txt.shape[1], 3, dtype=x.dtype,
-                                        device=x.device), torch.full((1,), t, dtype=x.dtype, device=x.device),
-                                        cls, ref=ref, ref_ids=ref_ids).float())
+                txt_ids = torch.zeros(1, txt.shape[1], 3, dtype=x.dtype, device=x.device)
+                t_row = torch.full((1,), t, dtype=x.dtype, device=x.device)
+                vs.append(model.decoder(xs, img_ids[s:s + 1], txt, txt_ids, t_row, cls, ref=ref,
+                                        ref_ids=ref_ids).float())
             v = req.combine(torch.stack(vs))
-            xs = (xs.float() + (t_next - t) * v).to(x.dtype)
-            if callback is not None and s == x.shape[0] - 1:
-                callback(i + 1, len(timesteps) - 1, xs)
-        out.append(xs)
-    return torch.cat(out)
+            rows.append((xs.float() + (t_next - t) * v).to(x.dtype))
+        x = torch.cat(rows)
+        if callback is not None:
+            callback(i + 1, total, x)
+    return x
 
 
 def decode_latents(model, tokens: Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
@@ -235,6 +253,7 @@ def text_to_image(model, prompt, height=None, width=None, num_inference_steps=No
     g = model.config.generation
     prompts = _check_prompts(prompt)
     _check_mode(mode)
+    _check_output_type(output_type)
     n = _check_count(num_images_per_prompt)
     height, width = resolve_size(model, height, width)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
@@ -284,6 +303,7 @@ def edit(model, image, instruction, num_inference_steps=None, guidance_scale=Non
     source = load_image(image)
     instructions = _check_prompts(instruction, "instruction")
     _check_mode(mode)
+    _check_output_type(output_type)
     n = _check_count(num_images_per_prompt)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
     steps = _check_steps(default_steps if num_inference_steps is None else num_inference_steps)
@@ -327,7 +347,9 @@ def _question_batch(question, images) -> tuple[list[str], list[list]]:
         images = [[] for _ in questions]
     if len(images) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists; pass one list per question")
-    return questions, [[im] if not isinstance(im, (list, tuple)) else list(im) for im in images]
+    # None = a text-only question inside a batch that has images elsewhere.
+    return questions, [[] if im is None else [im] if not isinstance(im, (list, tuple)) else list(im)
+                       for im in images]
 
 
 @torch.no_grad()
@@ -351,7 +373,7 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
             raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
     images_loaded = [[load_image(im) for im in ims] for ims in image_lists]
     texts = [understanding_prompt(q, len(ims), enable_thinking) for q, ims in zip(questions, images_loaded)]
-    tok = model.tokenizer
+    tok = _tokenizer(model)
     batch = prepare_inputs(tok, texts, images_loaded, model.config, pad_side="left",
                            max_length=model.config.generation.multimodal_max_length)
     embeds = model.embed(batch.input_ids, batch.pixel_patches, batch.grid_thws)
@@ -386,7 +408,16 @@ def _stream(model, kwargs) -> Iterator[str]:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    yield from streamer
+    # Strip like the non-streamed answer, so the pieces always join to exactly what answer() returns:
+    # leading whitespace is dropped, trailing whitespace is held back until more text follows it.
+    started, held = False, ""
+    for piece in streamer:
+        text = held + piece if started else piece.lstrip()
+        started = started or bool(text)
+        body = text.rstrip()
+        held = text[len(body):]
+        if body:
+            yield body
     thread.join()
     if errors:
         raise errors[0]

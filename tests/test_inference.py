@@ -1,0 +1,395 @@
+"""The user-facing tasks on the tiny model: sampling modes, batching, seeds, argument checks, images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import png_bytes, random_image
+from PIL import Image, ImageOps
+
+from ovis_u1.inference import EditSession, ImageInputError
+from ovis_u1.processing import smart_resize
+
+SIDE = 32  # 32 x 32 images -> 16 x 16 latents -> 64 decoder tokens in tiny
+FAST = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "progress": False, "output_type": "latent"}
+EDIT = {"num_inference_steps": 2, "progress": False, "output_type": "latent"}
+
+
+def close(a, b, atol=1e-4):
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.fixture
+def count_calls():
+    """count_calls(module) -> list of (rows, kwargs) of its calls, recorded until the test ends."""
+    handles = []
+
+    def count(module):
+        calls = []
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: calls.append((args[0].shape[0], kwargs)), with_kwargs=True))
+        return calls
+
+    yield count
+    for h in handles:
+        h.remove()
+
+
+# ---- exact vs plain, batching, seeds ------------------------------------------------------------------
+def test_t2i_exact_equals_plain(tiny_model):
+    prompts = ["a red circle", "two small blue squares to the left of a star"]
+    kw = {**FAST, "num_inference_steps": 3, "num_images_per_prompt": 2, "seed": 7}
+    exact = tiny_model.text_to_image(prompts, mode="exact", **kw)
+    plain = tiny_model.text_to_image(prompts, mode="plain", **kw)
+    assert exact.shape == (4, 64, 16) and exact.dtype == torch.float32
+    assert (exact - plain).abs().max() < 1e-4
+    assert not torch.allclose(exact[0], exact[1])  # different seeds within the call
+    assert not torch.allclose(exact[0], exact[2])  # different prompts
+
+
+def test_edit_exact_equals_plain(tiny_model, photo):
+    kw = {**EDIT, "num_images_per_prompt": 2, "seed": 3}
+    instructions = ["make it red", "add a small star"]
+    exact = tiny_model.edit(photo, instructions, mode="exact", **kw)
+    plain = tiny_model.edit(photo, instructions, mode="plain", **kw)
+    assert exact.shape[0] == 4
+    assert (exact - plain).abs().max() < 1e-4
+
+
+def test_t2i_batched_equals_unbatched(tiny_model):
+    prompts = ["a red circle", "a long prompt about a green triangle above a small yellow dot"]
+    batched = tiny_model.text_to_image(prompts, num_images_per_prompt=2, seed=10, **FAST)
+    for k in range(4):  # image k of the call (prompt-major) uses seed + k
+        alone = tiny_model.text_to_image(prompts[k // 2], seed=10 + k, **FAST)
+        close(batched[k:k + 1], alone)
+
+
+def test_edit_batched_equals_unbatched(tiny_model, photo):
+    batched = tiny_model.edit(photo, ["make it red", "make it blue"], seed=5, **EDIT)
+    close(batched[0:1], tiny_model.edit(photo, "make it red", seed=5, **EDIT))
+    close(batched[1:2], tiny_model.edit(photo, "make it blue", seed=6, **EDIT))
+
+
+def test_seeds(tiny_model, photo):
+    a = tiny_model.text_to_image("a red circle", seed=1, **FAST)
+    assert torch.equal(a, tiny_model.text_to_image("a red circle", seed=1, **FAST))
+    assert not torch.allclose(a, tiny_model.text_to_image("a red circle", seed=2, **FAST), atol=1e-3)
+    e = tiny_model.edit(photo, "make it red", seed=1, **EDIT)
+    assert torch.equal(e, tiny_model.edit(photo, "make it red", seed=1, **EDIT))
+    assert not torch.allclose(e, tiny_model.edit(photo, "make it red", seed=2, **EDIT), atol=1e-3)
+    # The global RNG plays no part: sampling depends on the seed argument alone.
+    torch.manual_seed(123)
+    assert torch.equal(a, tiny_model.text_to_image("a red circle", seed=1, **FAST))
+
+
+def test_pil_output(tiny_model):
+    images = tiny_model.text_to_image("a red circle", height=32, width=48, num_inference_steps=1,
+                                      progress=False, num_images_per_prompt=2)
+    assert len(images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (48, 32) and im.mode == "RGB" for im in images)
+
+
+# ---- fast mode ----------------------------------------------------------------------------------------
+def test_fast_mode_fewer_decoder_evaluations(tiny_model, count_calls):
+    calls = count_calls(tiny_model.decoder)
+    kw = {k: v for k, v in FAST.items() if k != "num_inference_steps"}
+    tiny_model.text_to_image("a red circle", mode="exact", **kw)
+    exact_calls, exact_rows = len(calls), sum(r for r, _ in calls)
+    calls.clear()
+    fast = tiny_model.text_to_image("a red circle", mode="fast", **kw)
+    assert torch.isfinite(fast).all() and fast.shape == (1, 64, 16)
+    g = tiny_model.config.generation
+    assert g.fast_num_inference_steps < g.num_inference_steps
+    assert len(calls) < exact_calls
+    assert sum(r for r, _ in calls) < exact_rows
+    # At equal steps the guidance interval alone saves rows: t = 1 runs the conditional branch only.
+    calls.clear()
+    tiny_model.text_to_image("a red circle", mode="exact", **FAST)
+    exact_rows = sum(r for r, _ in calls)
+    calls.clear()
+    tiny_model.text_to_image("a red circle", mode="fast", **FAST)
+    assert sum(r for r, _ in calls) < exact_rows
+
+
+def test_fast_mode_cache_hits(tiny_model, monkeypatch, count_calls):
+    monkeypatch.setattr(tiny_model.config.generation, "fast_cache_threshold", 1e9)  # always reuse
+    calls = count_calls(tiny_model.decoder)
+    single = count_calls(tiny_model.decoder.single_blocks[0])
+    tiny_model.text_to_image("a red circle", mode="fast", **{**FAST, "num_inference_steps": 6})
+    cache = calls[0][1]["cache"]  # the first call holds the conditional branch, whose cache sums all hits
+    assert cache is not None and cache.hits > 0
+    assert len(single) == len(calls) - cache.hits  # a hit skips every block after the first
+
+
+def test_fast_mode_without_shortcuts_equals_exact(tiny_model, monkeypatch):
+    g = tiny_model.config.generation
+    monkeypatch.setattr(g, "fast_cache_threshold", 0.0)  # never reuse
+    monkeypatch.setattr(g, "fast_guidance_interval", (0.0, 1.0))  # always guide
+    kw = {**FAST, "num_inference_steps": 3}
+    close(tiny_model.text_to_image("a red circle", mode="fast", **kw),
+          tiny_model.text_to_image("a red circle", mode="exact", **kw), atol=1e-6)
+
+
+# ---- callbacks and progress ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["exact", "plain", "fast"])
+def test_callback_every_step(tiny_model, photo, mode):
+    seen = []
+    out = tiny_model.text_to_image(["a red circle", "a star"], mode=mode, seed=0,
+                                   callback=lambda s, n, x: seen.append((s, n, x.clone())),
+                                   **{**FAST, "num_inference_steps": 3})
+    assert [(s, n) for s, n, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert all(x.shape == out.shape for _, _, x in seen)  # the whole batch at every step
+    assert torch.equal(seen[-1][2], out)
+    seen.clear()
+    tiny_model.edit(photo, "make it red", mode=mode, callback=lambda s, n, x: seen.append((s, n)), **EDIT)
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_progress_bar(tiny_model, capsys):
+    tiny_model.text_to_image("a red circle", **FAST)
+    assert capsys.readouterr() == ("", "")
+    tiny_model.text_to_image("a red circle", **{**FAST, "progress": True})
+    assert "denoising" in capsys.readouterr().err
+
+
+# ---- argument checks ----------------------------------------------------------------------------------
+def test_size_snapping_and_bounds(tiny_model):
+    with pytest.warns(UserWarning, match="height 40 snapped to 32"):
+        images = tiny_model.text_to_image("a circle", height=40, width=64, num_inference_steps=1,
+                                          progress=False)
+    assert images[0].size == (64, 32)
+    g = tiny_model.config.generation
+    for bad in ({"height": g.min_side - 1}, {"width": g.max_side + 1}, {"height": 10_000},
+                {"width": float("nan")}, {"height": "64"}, {"width": 0}):
+        with pytest.raises(ValueError, match=r"height|width"):
+            tiny_model.text_to_image("a circle", **{**FAST, **bad})
+
+
+@pytest.mark.parametrize("steps", [0, -1, 10**6, 2.5, "4", True])
+def test_bad_steps(tiny_model, photo, steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        tiny_model.text_to_image("a circle", **{**FAST, "num_inference_steps": steps})
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        tiny_model.edit(photo, "make it red", **{**EDIT, "num_inference_steps": steps})
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), -1.0, "strong", [1.0]])
+def test_bad_guidance(tiny_model, photo, scale):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        tiny_model.text_to_image("a circle", guidance_scale=scale, **FAST)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        tiny_model.edit(photo, "make it red", guidance_scale=scale, **EDIT)
+    with pytest.raises(ValueError, match="image_guidance_scale"):
+        tiny_model.edit(photo, "make it red", image_guidance_scale=scale, **EDIT)
+
+
+def test_bad_prompts_and_options(tiny_model, photo):
+    for bad in ("", "   \n", [], ["a circle", ""], [None]):
+        with pytest.raises(ValueError, match="prompt"):
+            tiny_model.text_to_image(bad, **FAST)
+    with pytest.raises(ValueError, match="instruction"):
+        tiny_model.edit(photo, "  ", **EDIT)
+    with pytest.raises(ValueError, match="mode"):
+        tiny_model.text_to_image("a circle", mode="turbo", **FAST)
+    for n in (0, -2, 1000, 1.5):
+        with pytest.raises(ValueError, match="num_images_per_prompt"):
+            tiny_model.text_to_image("a circle", num_images_per_prompt=n, **FAST)
+    with pytest.raises(ValueError, match="<image>"):
+        tiny_model.text_to_image("draw <image> again", **FAST)
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_model.text_to_image("a circle", **{**FAST, "output_type": "np"})
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_model.edit(photo, "make it red", **{**EDIT, "output_type": "numpy"})
+
+
+def test_overlong_prompt_truncated(tiny_model):
+    prompt = " ".join(["a small red circle next to a big blue square"] * 60)
+    with pytest.warns(UserWarning, match="truncated to 256"):
+        out = tiny_model.text_to_image(prompt, **FAST)
+    assert torch.isfinite(out).all()
+    with pytest.warns(UserWarning, match="truncated"):
+        assert isinstance(tiny_model.answer(prompt, max_new_tokens=2), str)
+
+
+# ---- editing ------------------------------------------------------------------------------------------
+def test_edit_output_size_follows_input(tiny_model):
+    g = tiny_model.config.generation
+    for h, w in ((40, 72), (90, 30), (300, 200)):
+        source = random_image(h, w, seed=h)
+        want_h, want_w = smart_resize(h, w, factor=g.size_multiple, min_pixels=g.min_side ** 2,
+                                      max_pixels=g.edit_max_pixels)
+        out = tiny_model.edit(source, "make it red", num_inference_steps=1, progress=False)[0]
+        assert out.size == (want_w, want_h)
+        assert want_h * want_w <= g.edit_max_pixels
+        assert want_h % g.size_multiple == want_w % g.size_multiple == 0
+        assert (want_h > want_w) == (h > w)  # aspect kept, not squared
+
+
+def test_edit_session_multi_turn(tiny_model, photo):
+    session = EditSession(tiny_model, photo, num_inference_steps=1, progress=False, seed=4)
+    first = session.edit("make it red")
+    second = session.edit("now add a blue star")
+    assert [t for t, _ in session.history] == [None, "make it red", "now add a blue star"]
+    assert session.current is second
+    # Turn two edits the result of turn one.
+    again = tiny_model.edit(first, "now add a blue star", num_inference_steps=1, progress=False, seed=4)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(second))
+    assert session.undo() is first
+    assert session.undo() is session.history[0][1]
+    assert session.undo() is session.history[0][1]  # the source is never popped
+
+
+# ---- understanding ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_images():
+    return random_image(40, 72, seed=1), random_image(56, 40, seed=2)
+
+
+def test_answer_basic_and_batch(tiny_model, two_images):
+    a, b = two_images
+    questions = ["What is in the image?", "How many shapes are there?", "Describe the scene."]
+    images = [a, [a, b], None]
+    one_by_one = [tiny_model.answer(q, images=im) for q, im in zip(questions, images)]
+    assert all(isinstance(x, str) for x in one_by_one)
+    assert len(set(one_by_one)) > 1 and any(one_by_one)  # the fixture's LM is not degenerate
+    assert tiny_model.answer(questions, images=images) == one_by_one
+    assert tiny_model.answer(questions[2:]) == one_by_one[2:]  # no images at all
+    with pytest.raises(ValueError, match="image lists"):
+        tiny_model.answer(questions, images=[a])
+
+
+def test_answer_streaming(tiny_model, two_images):
+    a, _ = two_images
+    for kw in ({}, {"do_sample": True, "seed": 5, "max_new_tokens": 24}):
+        pieces = list(tiny_model.answer("What is in the image?", images=a, stream=True, **kw))
+        assert all(isinstance(p, str) for p in pieces)
+        assert "".join(pieces) == tiny_model.answer("What is in the image?", images=a, **kw)
+    with pytest.raises(ValueError, match="one question"):
+        tiny_model.answer(["a?", "b?"], stream=True)
+
+
+def test_answer_streaming_strips_like_answer(tiny_model, monkeypatch):
+    """Whitespace around the answer: the streamed pieces still join to exactly answer()'s string."""
+    tok = tiny_model.tokenizer
+    ids = [*tok.encode("\n\n  Two red circles.\n \n", add_special_tokens=False),
+           tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def fake_generate(streamer=None, **kwargs):
+        if streamer is not None:
+            for i in ids:
+                streamer.put(torch.tensor([i]))
+            streamer.end()
+        return torch.tensor([ids])
+
+    monkeypatch.setattr(tiny_model.llm, "generate", fake_generate)
+    assert tiny_model.answer("How many?") == "Two red circles."
+    pieces = list(tiny_model.answer("How many?", stream=True))
+    assert "".join(pieces) == "Two red circles." and len(pieces) > 1
+
+
+def test_answer_multi_image_and_placeholders(tiny_model, two_images):
+    a, b = two_images
+    assert isinstance(tiny_model.answer("Which is brighter?", images=[a, b]), str)
+    assert isinstance(tiny_model.answer("Is <image> the same as <image>?", images=[a, b]), str)
+    for q, ims in (("Is <image> the same as <image>?", [a]), ("Is <image> the same as <image>?", [a, b, a]),
+                   ("Describe <image>.", []), ("Describe <image>.", None)):
+        with pytest.raises(ValueError, match="placeholder"):
+            tiny_model.answer(q, images=ims)
+
+
+def test_answer_sampling_and_cache(tiny_model, two_images):
+    a, _ = two_images
+    q = "What is in the image?"
+    kw = {"do_sample": True, "max_new_tokens": 12}
+    s1 = tiny_model.answer(q, images=a, seed=1, **kw)
+    assert s1 == tiny_model.answer(q, images=a, seed=1, **kw)
+    assert s1 != tiny_model.answer(q, images=a, seed=2, **kw)
+    assert tiny_model.answer(q, images=a, use_cache=False) == tiny_model.answer(q, images=a, use_cache=True)
+    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"temperature": float("nan")}):
+        with pytest.raises(ValueError):
+            tiny_model.answer(q, images=a, **kw, **bad)
+    for bad in (0, -1, 2.5, 10**6):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            tiny_model.answer(q, max_new_tokens=bad)
+    with pytest.raises(ValueError, match="question"):
+        tiny_model.answer("  ")
+
+
+# ---- bad and unusual images through the public API ----------------------------------------------------
+def _png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression-bomb header) with 1 row of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    row = zlib.compress(b"\x00" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+def _both_apis(model, image):
+    model.edit(image, "make it red", num_inference_steps=1, progress=False, output_type="latent")
+    return model.answer("What is in the image?", images=image, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "empty_file", "empty_bytes", "bomb_header", "bomb_big",
+                                  "missing", "truncated"])
+def test_bad_images_raise_clear_errors(tiny_model, tmp_path, kind):
+    good = png_bytes(random_image(40, 40))
+    sources = {
+        "corrupt": (b"this is not an image at all" * 4, "not a readable image"),
+        "empty_file": (tmp_path / "empty.png", "empty"),
+        "empty_bytes": (b"", "empty"),
+        "bomb_header": (_png_with_header(20_000, 20_000), "decompression bomb"),
+        "bomb_big": (_png_with_header(9_000, 9_000), "bomb"),
+        "missing": (tmp_path / "nope.png", "does not exist"),
+        "truncated": (good[: len(good) // 2], "corrupt|truncated"),
+    }
+    src, message = sources[kind]
+    if kind == "empty_file":
+        src.write_bytes(b"")
+    for call in (lambda: tiny_model.edit(src, "make it red", **EDIT),
+                 lambda: tiny_model.answer("What is it?", images=src),
+                 lambda: EditSession(tiny_model, src)):
+        with pytest.raises(ImageInputError, match=message):
+            call()
+    assert issubclass(ImageInputError, ValueError)
+
+
+def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_unusual_image_modes_accepted(tiny_model):
+    rgb = random_image(40, 56, seed=9)
+    sixteen = Image.fromarray((np.arange(40 * 56, dtype=np.uint16).reshape(40, 56) * 29).astype(np.uint16))
+    sources = {
+        "L": rgb.convert("L"), "RGBA": random_image(40, 56, mode="RGBA"), "P": rgb.convert("P"),
+        "1": rgb.convert("1"), "LA": rgb.convert("LA"),
+        "CMYK jpeg": _encoded(rgb.convert("CMYK"), "JPEG"), "16-bit png": png_bytes(sixteen),
+        "palette png with transparency": png_bytes(rgb.convert("P"), transparency=0),
+        "numpy": np.asarray(rgb), "grayscale numpy": np.asarray(rgb.convert("L")),
+    }
+    for name, src in sources.items():
+        assert isinstance(_both_apis(tiny_model, src), str), name
+
+
+def test_exif_rotation_applied(tiny_model):
+    landscape = random_image(40, 72, seed=12)  # 72 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    data = _encoded(landscape, "JPEG", exif=exif, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert upright.size == (40, 72)
+    out = tiny_model.edit(data, "make it red", num_inference_steps=1, progress=False)[0]
+    g = tiny_model.config.generation
+    h, w = smart_resize(72, 40, factor=g.size_multiple, min_pixels=g.min_side ** 2,
+                        max_pixels=g.edit_max_pixels)
+    assert out.size == (w, h) and h > w  # portrait, as displayed
+    q = "What is in the image?"
+    assert tiny_model.answer(q, images=data) == tiny_model.answer(q, images=upright)
