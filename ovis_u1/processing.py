@@ -322,12 +322,16 @@ def expand_image_tokens(ids: Sequence[int], num_visual_tokens: Sequence[int]) ->
     return out
 
 
+TRUNCATE_KEEP_TAIL = 12  # text tokens kept at the end: the chat template's closing turn markers
+
+
 def _kept_positions(ids: Sequence[int], max_length: int) -> list[int]:
-    """Positions kept when fitting `ids` into max_length: every image token plus the earliest text tokens.
+    """Positions kept when fitting `ids` into max_length: every image token, the earliest text tokens and
+    the last TRUNCATE_KEEP_TAIL text tokens.
 
     Image tokens (all negative ids) are never dropped, so an image span is never cut and the number of
-    images still matches the pixel inputs; text is dropped from the end. If the images sit before the cut
-    (the usual layout) this is exactly `ids[:max_length]`.
+    images still matches the pixel inputs. Text is dropped from just before the tail, so the template's
+    `<|im_end|>` and assistant header survive and the model still answers rather than continues.
     """
     if len(ids) <= max_length:
         return list(range(len(ids)))
@@ -335,16 +339,13 @@ def _kept_positions(ids: Sequence[int], max_length: int) -> list[int]:
     if n_image > max_length:
         raise ValueError(f"image tokens alone ({n_image}) exceed max_length={max_length}; use fewer or smaller "
                          "images, or raise max_length")
-    text_budget = max_length - n_image
-    kept = []
-    for pos, i in enumerate(ids):
-        if i < 0:
-            kept.append(pos)
-        elif text_budget > 0:
-            kept.append(pos)
-            text_budget -= 1
+    text = [pos for pos, i in enumerate(ids) if i >= 0]
+    budget = max_length - n_image
+    tail = min(TRUNCATE_KEEP_TAIL, budget)
+    keep_text = set(text[:budget - tail]) | set(text[len(text) - tail:] if tail else [])
+    kept = [pos for pos, i in enumerate(ids) if i < 0 or pos in keep_text]
     warnings.warn(f"prompt of {len(ids)} tokens truncated to {max_length}: {len(ids) - max_length} text tokens "
-                  "dropped from the end", stacklevel=3)
+                  "dropped before the closing chat-template tokens", stacklevel=3)
     return kept
 
 

@@ -270,17 +270,23 @@ def test_expand_image_tokens():
 
 
 def test_truncate():
-    ids = list(range(10))
-    assert P.truncate(ids, 20) == ids
-    with pytest.warns(UserWarning, match="truncated to 4"):
-        assert P.truncate(ids, 4) == [0, 1, 2, 3]
-    img = P.expand_image_tokens([1, P.IMAGE_TOKEN_ID, 2, 3, 4, 5], [4])  # image span of 6 at the front
+    tail = P.TRUNCATE_KEEP_TAIL
+    ids = list(range(40))
+    assert P.truncate(ids, 40) == ids
+    with pytest.warns(UserWarning, match="truncated to 20"):
+        # the start and the closing template tokens survive; the middle goes
+        assert P.truncate(ids, 20) == list(range(20 - tail)) + list(range(40 - tail, 40))
     with pytest.warns(UserWarning):
-        assert P.truncate(img, 8) == img[:8]
-    late = P.expand_image_tokens([1, 2, 3, 4, 5, P.IMAGE_TOKEN_ID, 6], [2])  # cut would land in the span
+        assert P.truncate(ids, 4) == [36, 37, 38, 39]  # budget below the tail: the tail wins
+    img = P.expand_image_tokens([1, P.IMAGE_TOKEN_ID] + list(range(2, 40)), [4])  # image span of 6 first
     with pytest.warns(UserWarning):
-        out = P.truncate(late, 6)
-    assert out == [1, 2, P.INDICATOR_IDS[0], P.VISUAL_ATOM_ID, P.VISUAL_ATOM_ID, P.INDICATOR_IDS[1]]
+        out = P.truncate(img, 30)
+    assert out[:7] == img[:7] and out[-tail:] == img[-tail:] and len(out) == 30
+    late = P.expand_image_tokens(list(range(1, 30)) + [P.IMAGE_TOKEN_ID, 99], [2])  # image span near the end
+    with pytest.warns(UserWarning):
+        out = P.truncate(late, 20)
+    assert len(out) == 20 and out.count(P.VISUAL_ATOM_ID) == 2 and out[-1] == 99
+    assert out.index(P.INDICATOR_IDS[0]) + 3 == out.index(P.INDICATOR_IDS[1])  # span kept whole
     with pytest.raises(ValueError, match=r"image tokens alone \(6\) exceed max_length=5"):
         P.truncate(img, 5)
 
@@ -302,7 +308,11 @@ def test_understanding_labels(tok):
     assert [lab for lab in ex_labels if lab != P.IGNORE_ID] == [lab for lab in labels if lab != P.IGNORE_ID]
     with pytest.warns(UserWarning):
         t_ids, t_labels = P.truncate_example(ex_ids, ex_labels, len(ex_ids) - 2)
-    assert t_ids == ex_ids[:-2] and t_labels == ex_labels[:-2]
+    # ids and labels are cut at the same positions; the answer at the end (the tail) survives
+    tail = P.TRUNCATE_KEEP_TAIL
+    assert len(t_ids) == len(t_labels) == len(ex_ids) - 2
+    assert t_ids[-tail:] == ex_ids[-tail:] and t_labels[-tail:] == ex_labels[-tail:]
+    assert dict(zip(t_ids, t_labels)) == {i: lab for i, lab in zip(ex_ids, ex_labels) if i in set(t_ids)}
 
 
 def test_pad_batch():

@@ -299,13 +299,13 @@ def test_vqa_accuracy_and_edit_success():
 class _FakeModel:
     """Stands in for OvisU1: blank images, a constant answer, and edits that change nothing."""
 
-    def text_to_image(self, prompts, seed=0):
+    def text_to_image(self, prompts, seed=0, **sampling):
         return [Image.new("RGB", (64, 64), "white") for _ in prompts]
 
     def answer(self, question, images=()):
-        return "yes"
+        return "yes" if isinstance(question, str) else ["yes"] * len(question)
 
-    def edit(self, image, instruction, seed=0):
+    def edit(self, image, instruction, seed=0, **sampling):
         return [image]
 
 
