@@ -1,1 +1,17 @@
-"""Ovis-U1: a compact, faithful, trainable implementation of the unified understanding/generation model."""
+"""Ovis-U1: a compact, faithful, trainable implementation of the unified understanding/generation model.
+
+`from ovis_u1 import OvisU1` is resolved lazily, so importing the package (or a light submodule such as
+`ovis_u1.shapes`) does not pull in transformers and diffusers.
+"""
+
+__all__ = ["OvisU1", "OvisU1Config", "get_preset"]
+
+
+def __getattr__(name):
+    if name == "OvisU1":
+        from .model import OvisU1
+        return OvisU1
+    if name in ("OvisU1Config", "get_preset"):
+        from . import config
+        return getattr(config, name)
+    raise AttributeError(f"module 'ovis_u1' has no attribute {name!r}")

@@ -24,6 +24,7 @@ class VAE(nn.Module):
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
             norm_num_groups=cfg.norm_num_groups, scaling_factor=cfg.scaling_factor,
             shift_factor=cfg.shift_factor, mid_block_add_attention=cfg.mid_block_add_attention,
+            use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
         )
 
     @property

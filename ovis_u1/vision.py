@@ -16,12 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import AdapterConfig, VisionConfig
-
-
-def merge_group_order(h: int, w: int, stride: int) -> Tensor:
-    """Row-major patch index of each position in merge-group order."""
-    idx = torch.arange(h * w).reshape(h // stride, stride, w // stride, stride)
-    return rearrange(idx, "gh sh gw sw -> (gh gw sh sw)")
+from .processing import merge_group_order
 
 
 def _rotate_half(x: Tensor) -> Tensor:
