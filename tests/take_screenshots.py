@@ -1,0 +1,164 @@
+"""Drive the web demo in headless Chromium: one user flow per tab, and the screenshots of docs/.
+
+    python tests/take_screenshots.py              # starts app.py, writes docs/screenshots/{tab}.png
+    python tests/take_screenshots.py --url URL    # against a running app
+
+`tests/test_browser.py` runs the same flows (without the refiner one) and saves its screenshots under
+its tmp dir. Needs Debian's chromium (`apt-get install -y chromium`) and Python playwright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+if __package__ in (None, ""):  # run as a script: make `tests._app_server` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests._app_server import CHROMIUM, CHROMIUM_ARGS, REPO, start_app
+
+TIMEOUT_MS = 120_000  # the model shares two CPU cores with everything else
+STEPS = 4
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+def open_app(browser, url: str, tab: str):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.get_by_role("tab", name=tab).click()
+    return page
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a slider's number box (committed on Enter)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def wait_for_image(page, selector: str) -> None:
+    page.wait_for_function(
+        "s => [...document.querySelectorAll(s)].some(i => i.complete && i.naturalWidth > 0)", arg=selector,
+        timeout=TIMEOUT_MS)
+
+
+def create_flow(page, prompt: str, steps: int = STEPS) -> None:
+    page.locator("#create-prompt textarea").fill(prompt)
+    set_number(page, "create-steps", steps)
+    page.locator("#create-run").click()
+    wait_for_image(page, "#create-gallery img")
+
+
+def edit_flow(page, image: Path, instruction: str, more: str | None = None, steps: int = STEPS) -> None:
+    page.locator("#edit-source input[type=file]").set_input_files(str(image))
+    wait_for_image(page, "#edit-source img")
+    page.locator("#edit-instruction textarea").fill(instruction)
+    page.locator("#edit-settings").get_by_text("Settings").first.click()
+    set_number(page, "edit-steps", steps)
+    page.locator("#edit-run").click()
+    wait_for_image(page, "#edit-result img")
+    if more:
+        page.locator("#edit-instruction textarea").fill(more)
+        page.locator("#edit-more").click()
+        page.wait_for_function("() => document.querySelectorAll('#edit-history img').length >= 3",
+                               timeout=TIMEOUT_MS)
+
+
+def chat_flow(page, images: list[Path], question: str) -> str:
+    """Ask one question about the images; returns the assistant's shown reply once it is complete."""
+    page.locator("#chat-input input[type=file]").set_input_files([str(p) for p in images])
+    page.wait_for_function(f"() => document.querySelectorAll('#chat-input img').length >= {len(images)}",
+                           timeout=TIMEOUT_MS)
+    box = page.locator("#chat-input textarea")
+    box.fill(question)
+    box.press("Enter")
+    page.locator("#chat [data-testid=user]").filter(has_text=question).wait_for()
+    # The reply is complete when the event ends: its status tracker hides again and the bubble has text.
+    page.wait_for_function(
+        "() => { const b = document.querySelectorAll('#chat [data-testid=bot]');"
+        " const t = document.querySelector('#chat [data-testid=status-tracker]');"
+        " return b.length && b[b.length - 1].innerText.trim() && (!t || t.classList.contains('hide')); }",
+        timeout=TIMEOUT_MS)
+    return page.locator("#chat [data-testid=bot]").last.inner_text().strip()
+
+
+def refiner_flow(page, prompt: str, steps: int = STEPS) -> None:
+    page.locator("#refiner-prompt textarea").fill(prompt)
+    page.locator("#refiner-run").click()
+    wait_for_image(page, "#refiner-attention img")
+    set_number(page, "refiner-steps", steps)
+    page.locator("#refiner-word-run").click()
+    wait_for_image(page, "#refiner-word img")
+
+
+def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
+    """A full-page PNG, palette-quantised (flat UI colours survive it) so it stays under max_bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    for colors in (256, 128, 64):
+        buf = io.BytesIO()
+        image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+        if buf.tell() <= max_bytes:
+            break
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+EDIT_INSTRUCTION = "make the yellow circle purple"  # fits ShapesWorld(split="heldout").edit(0, "recolor")
+
+
+def shapes_files(folder: Path) -> dict[str, Path]:
+    from ovis_u1.shapes import ShapesWorld
+    folder.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(split="heldout")
+    files = {"edit": world.edit(0, "recolor").source, "vqa": world.vqa(0, "color").images[0]}
+    out = {}
+    for name, image in files.items():
+        out[name] = folder / f"{name}.png"
+        image.save(out[name])
+    return out
+
+
+def main(argv=None) -> None:
+    from playwright.sync_api import sync_playwright
+
+    args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    args.add_argument("--url", help="a running app (default: start one)")
+    args.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    args = args.parse_args(argv)
+    server = None if args.url else start_app()
+    url = args.url or server.url
+    files = shapes_files(args.out.parent / ".screenshot_inputs")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = open_app(browser, url, "Understand")
+            chat_flow(page, [files["vqa"]], "What color is the triangle?")
+            print(save_screenshot(page, args.out / "understand.png"))
+            # The model's own default steps here: these pictures show what it makes.
+            page = open_app(browser, url, "Create")
+            set_number(page, "create-steps", 30)
+            create_flow(page, "a yellow triangle and a blue circle", steps=30)
+            print(save_screenshot(page, args.out / "create.png"))
+            page = open_app(browser, url, "Edit")
+            edit_flow(page, files["edit"], EDIT_INSTRUCTION, more="add a red square", steps=30)
+            print(save_screenshot(page, args.out / "edit.png"))
+            page = open_app(browser, url, "Inside the refiner")
+            refiner_flow(page, "a red circle to the left of a blue square", steps=30)
+            print(save_screenshot(page, args.out / "refiner.png"))
+            browser.close()
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+        (args.out.parent / ".screenshot_inputs").rmdir()
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
