@@ -11,6 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# The published text-to-image prefix (the conditional prompt is prefix + " " + the user's prompt).
+PUBLISHED_T2I_PREFIX = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
+    "and spatial relationships of the objects:"
+)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -135,6 +141,7 @@ class GenerationConfig:
     max_side: int = 2048
     edit_max_pixels: int = 1024 * 1024
     blank_image_max_pixels: int = 448 * 448  # T2I blank image through the ViT
+    t2i_prefix: str = PUBLISHED_T2I_PREFIX  # "" puts the user's prompt alone in the conditional prompt
     max_new_tokens: int = 512
     multimodal_max_length: int = 2048  # prompt tokens before truncation (with a warning)
     # Fast-mode settings (opt-in): first-block cache threshold, guidance interval, steps. 20 = 0.4 of the
@@ -232,7 +239,7 @@ def _shapes() -> OvisU1Config:
         generation=GenerationConfig(height=64, width=64, num_inference_steps=30, guidance_scale=3.0,
                                     edit_guidance_scale=3.0, image_guidance_scale=1.5, use_time_shift=False,
                                     size_multiple=16, min_side=32, max_side=256, edit_max_pixels=64 * 64,
-                                    blank_image_max_pixels=32 * 32, max_new_tokens=24,
+                                    blank_image_max_pixels=32 * 32, max_new_tokens=24, t2i_prefix="",
                                     multimodal_max_length=256, fast_num_inference_steps=12),
         preset="shapes",
     )

@@ -24,6 +24,8 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import PUBLISHED_T2I_PREFIX
+
 if TYPE_CHECKING:
     from .config import OvisU1Config
 
@@ -36,10 +38,7 @@ VISUAL_ATOM_ID = -300
 INDICATOR_IDS = (-301, -302, -303, -304)
 IMAGE_PLACEHOLDER = "<image>"
 
-T2I_PREFIX = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
-    "and spatial relationships of the objects:"
-)
+T2I_PREFIX = PUBLISHED_T2I_PREFIX
 UNCOND_TEXT = "Generate an image."
 
 MAX_ASPECT_RATIO = 200
@@ -284,11 +283,15 @@ def generation_prompt(text: str) -> str:
     return f"<|im_start|>user\n{IMAGE_PLACEHOLDER}\n{text}<|im_end|>\n"
 
 
-def t2i_prompts(prompt: str) -> tuple[str, str]:
-    """(conditional, unconditional) text-to-image prompts, both used with a blank white image."""
+def t2i_prompts(prompt: str, prefix: str = T2I_PREFIX) -> tuple[str, str]:
+    """(conditional, unconditional) text-to-image prompts, both used with a blank white image.
+
+    `prefix` is the model's `generation.t2i_prefix` (the published one by default; "" for none).
+    """
     # The facts sheet gives "T2I_PREFIX + prompt"; the prefix ends in ':' and we join with one space
     # (the exact published spacing is unverified).
-    return generation_prompt(f"{T2I_PREFIX} {prompt.strip()}"), generation_prompt(UNCOND_TEXT)
+    text = f"{prefix} {prompt.strip()}" if prefix else prompt.strip()
+    return generation_prompt(text), generation_prompt(UNCOND_TEXT)
 
 
 # --------------------------------------------------------------------------------------------------

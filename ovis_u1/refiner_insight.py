@@ -104,9 +104,9 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     return out
 
 
-def _prompt_span(tokenizer, ids: list[int], prompt: str) -> tuple[int, int]:
+def _prompt_span(tokenizer, ids: list[int], prompt: str, prefix: str) -> tuple[int, int]:
     """Positions of the prompt's own tokens: those of the text after the image whose characters overlap it."""
-    after = t2i_prompts(prompt)[0].split(IMAGE_PLACEHOLDER, 1)[1]
+    after = t2i_prompts(prompt, prefix)[0].split(IMAGE_PLACEHOLDER, 1)[1]
     first = ids.index(INDICATOR_IDS[1]) + 1  # the text after the image starts right after its end marker
     stripped = prompt.strip()
     end_char = after.rindex(stripped) + len(stripped)
@@ -129,7 +129,7 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
     g = model.config.generation
     height, width = resolve_size(model, height, width)
     blank = blank_image(height, width, g.blank_image_max_pixels)
-    batch = prepare_inputs(model.tokenizer, [t2i_prompts(prompt)[0]], [[blank]], model.config,
+    batch = prepare_inputs(model.tokenizer, [t2i_prompts(prompt, g.t2i_prefix)[0]], [[blank]], model.config,
                            pad_side="right", max_length=g.multimodal_max_length)
     cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)
     out = model.refiner(cond, None, return_attention=True)
@@ -139,7 +139,7 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
     return RefinerReport(
         prompt=prompt,
         tokens=_token_strings(model.tokenizer, ids),
-        prompt_span=_prompt_span(model.tokenizer, ids, prompt),
+        prompt_span=_prompt_span(model.tokenizer, ids, prompt, g.t2i_prefix),
         attention=[a[0].float().mean(dim=0).cpu().numpy() for a in out.attention],
         gates=torch.stack([torch.stack([msa[0], mlp[0]]) for msa, mlp in out.gates]).float().cpu().numpy(),
         movement=(refined - embedded).norm(dim=-1).cpu().numpy(),

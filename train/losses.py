@@ -68,7 +68,8 @@ def encode_latents(model, images: list[Image.Image]) -> tuple[Tensor, tuple[int,
 def t2i_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0.1) -> Tensor:
     x0, hw = encode_latents(model, [s.image for s in samples])
     keep = torch.rand(len(samples), generator=generator) >= cond_dropout
-    texts = [t2i_prompts(s.caption)[0 if k else 1] for s, k in zip(samples, keep)]
+    prefix = model.config.generation.t2i_prefix
+    texts = [t2i_prompts(s.caption, prefix)[0 if k else 1] for s, k in zip(samples, keep)]
     g = model.config.generation
     blanks = [blank_image(s.image.height, s.image.width, g.blank_image_max_pixels) for s in samples]
     cond, mask = _conditions(model, texts, blanks)
