@@ -278,11 +278,11 @@ def test_truncate():
         assert P.truncate(ids, 20) == list(range(20 - tail)) + list(range(40 - tail, 40))
     with pytest.warns(UserWarning):
         assert P.truncate(ids, 4) == [36, 37, 38, 39]  # budget below the tail: the tail wins
-    img = P.expand_image_tokens([1, P.IMAGE_TOKEN_ID] + list(range(2, 40)), [4])  # image span of 6 first
+    img = P.expand_image_tokens([1, P.IMAGE_TOKEN_ID, *list(range(2, 40))], [4])  # image span of 6 first
     with pytest.warns(UserWarning):
         out = P.truncate(img, 30)
     assert out[:7] == img[:7] and out[-tail:] == img[-tail:] and len(out) == 30
-    late = P.expand_image_tokens(list(range(1, 30)) + [P.IMAGE_TOKEN_ID, 99], [2])  # image span near the end
+    late = P.expand_image_tokens([*list(range(1, 30)), P.IMAGE_TOKEN_ID, 99], [2])  # image span near the end
     with pytest.warns(UserWarning):
         out = P.truncate(late, 20)
     assert len(out) == 20 and out.count(P.VISUAL_ATOM_ID) == 2 and out[-1] == 99

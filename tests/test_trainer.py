@@ -94,7 +94,7 @@ def test_full_recipe_runs_and_saves_everything(tmp_path):
     model = OvisU1.from_pretrained(export)
     assert model.config.preset == "tiny"
     recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in recs][0] == "prep_vae" and recs[-1]["stage"] == "stage5"
+    assert next(r["stage"] for r in recs) == "prep_vae" and recs[-1]["stage"] == "stage5"
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     assert (out / "loss.png").stat().st_size > 1000
     ck = latest_checkpoint(out)
@@ -138,7 +138,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_fres
         save_checkpoint(tmp_path, tiny_model_fresh, None, TrainState(global_step=6), args, gen, keep=2)
     assert latest_checkpoint(tmp_path) == good
     assert not (tmp_path / "checkpoints" / "step_0000006").exists()
-    model, state, _, _ = trainer.load_checkpoint(good, args)
+    _model, state, _, _ = trainer.load_checkpoint(good, args)
     assert state.global_step == 3
 
 

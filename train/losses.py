@@ -16,9 +16,21 @@ from torch import Tensor
 
 from ovis_u1.decoder import latent_ids, pack_latents
 from ovis_u1.inference import encode_conditions, refine
-from ovis_u1.processing import (IGNORE_ID, UNCOND_TEXT, blank_image, expand_example, generation_prompt,
-                                load_image, num_visual_tokens, pad_batch, preprocess_image, t2i_prompts,
-                                tokenize_prompt, truncate_example, understanding_example)
+from ovis_u1.processing import (
+    IGNORE_ID,
+    UNCOND_TEXT,
+    blank_image,
+    expand_example,
+    generation_prompt,
+    load_image,
+    num_visual_tokens,
+    pad_batch,
+    preprocess_image,
+    t2i_prompts,
+    tokenize_prompt,
+    truncate_example,
+    understanding_example,
+)
 
 
 def images_to_tensor(images: list[Image.Image], device) -> Tensor:

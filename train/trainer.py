@@ -25,8 +25,8 @@ from ovis_u1.model import OvisU1
 
 from .config import TrainArgs
 from .data import TaskData
-from .losses import TASK_LOSSES
 from .lora import apply_lora, lora_parameters, merge_lora
+from .losses import TASK_LOSSES
 from .stages import StageArgs
 
 
