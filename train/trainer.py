@@ -352,14 +352,15 @@ class _Logger:
 
 
 def plot_losses(log_path: Path, png_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot state, no backend switch), so calling this from a notebook leaves its
+    # inline plotting alone.
+    from matplotlib.figure import Figure
     if not log_path.exists():
         return
     recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln]
     stages = list(dict.fromkeys(r["stage"] for r in recs))
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(stages), 2.8))
+    axes = fig.subplots(1, len(stages), squeeze=False)
     for ax, name in zip(axes[0], stages):
         rs = [r for r in recs if r["stage"] == name]
         for key in sorted({k for r in rs for k in r if k.startswith("loss_")}):
@@ -372,4 +373,3 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
-    plt.close(fig)
