@@ -181,6 +181,38 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
     return report
 
 
+def sample_grid(model, seed: int = 0, columns: int = 6, scale: int = 2, **sampling) -> Image.Image:
+    """A captioned picture for people: a row of text-to-image results (one per GenEval category) and a row
+    of edits (source, then result, per edit kind), drawn at `scale`x with the prompts underneath."""
+    from PIL import ImageDraw
+    prompts = geneval_prompts(columns, seed)
+    t2i = model.text_to_image([p for p, _ in prompts], seed=seed, progress=False, **sampling)
+    world = ShapesWorld(64, seed, split="heldout")
+    edit_kwargs = {k: v for k, v in sampling.items() if k not in ("guidance_scale", "edit_guidance_scale")}
+    pairs = []
+    for i, kind in enumerate(EDIT_KINDS[:columns // 2]):
+        source, instruction, _ = world.edit_scenes(i, kind)
+        src = source.render()
+        pairs += [(src, "source"), (_one_image(model.edit(src, instruction, seed=seed + i, progress=False,
+                                                          **edit_kwargs)), instruction)]
+    cells = [(im, p) for im, (p, _) in zip(t2i, prompts)] + pairs
+    side, label = 64 * scale, 30
+    rows = (len(cells) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * side, rows * (side + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (im, text) in enumerate(cells):
+        x, y = (k % columns) * side, (k // columns) * (side + label)
+        canvas.paste(im.resize((side, side), Image.Resampling.NEAREST), (x, y))
+        draw.rectangle([x, y, x + side - 1, y + side - 1], outline=(200, 200, 200))
+        words, lines = text.split(), [""]
+        for w in words:
+            lines[-1] = f"{lines[-1]} {w}".strip() if len(lines[-1]) + len(w) < 22 else lines[-1]
+            if not lines[-1].endswith(w):
+                lines.append(w)
+        draw.multiline_text((x + 3, y + side + 2), "\n".join(lines[:2]), fill=(40, 40, 40), spacing=1)
+    return canvas
+
+
 def format_report(report: dict) -> str:
     """A markdown table: figure, value, 95% CI, n."""
     rows = ["| task | figure | value | 95% CI | n |", "|---|---|---|---|---|"]
@@ -210,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-guidance", type=float, default=None)
     p.add_argument("--tasks", default="geneval,vqa,edit")
     p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--grid", default=None, help="also save a PNG of generated and edited held-out samples")
     a = p.parse_args(argv)
     from ovis_u1.model import OvisU1
     model = OvisU1.from_pretrained(a.checkpoint)
@@ -227,6 +260,8 @@ def main(argv=None) -> int:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=2)
+    if a.grid:
+        sample_grid(model, seed=a.seed, **sampling).save(a.grid)
     sys.stdout.flush()
     return 0
 
