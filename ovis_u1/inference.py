@@ -3,7 +3,8 @@
 Three sampling modes share one code path:
 - "exact" (default): the published recipe with no wasted work: the LLM condition and the refiner run
   once per request (the refiner has no timestep input), the unconditional condition is computed once and
-  shared by every prompt, all guidance branches of a step go through the decoder in one batched forward.
+  shared by every prompt, all guidance branches of a step go through the decoder in one batched forward
+  (editing: two, so the branch without the reference does not carry it masked; `reference_groups`).
 - "plain": what the published code does (each branch its own forward, one sample at a time, the refiner
   re-run at every step); kept as the reference that exact mode is tested and benchmarked against.
 - "fast": exact plus first-block caching, guidance only inside a middle interval of t and fewer steps.
@@ -16,6 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from .decoder import FirstBlockCache, latent_ids, pack_latents, unpack_latents
+from .llm import generate_without_cache
 from .processing import (
     UNCOND_TEXT,
     ImageInputError,
@@ -34,7 +37,7 @@ from .processing import (
     t2i_prompts,
     understanding_prompt,
 )
-from .sampling import DecoderInputs, denoise, edit_guidance, get_schedule, t2i_guidance
+from .sampling import DecoderInputs, denoise, edit_guidance, get_schedule, reference_groups, t2i_guidance
 
 MODES = ("exact", "fast", "plain")
 MAX_STEPS = 1000
@@ -184,9 +187,11 @@ def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callb
         x = _denoise_plain(model, x, img_ids, req, timesteps, cb)
     else:
         fast = mode == "fast"
-        x = denoise(model.decoder, x, img_ids, decoder_inputs(model, req), timesteps, req.combine,
+        inputs = decoder_inputs(model, req)
+        x = denoise(model.decoder, x, img_ids, inputs, timesteps, req.combine,
                     guidance_interval=g.fast_guidance_interval if fast else None,
-                    cache=FirstBlockCache(g.fast_cache_threshold) if fast else None, callback=cb)
+                    cache=FirstBlockCache(g.fast_cache_threshold) if fast else None, callback=cb,
+                    branch_groups=reference_groups(inputs))
     if bar is not None:
         bar.close()
     return x
@@ -355,10 +360,11 @@ def _question_batch(question, images) -> tuple[list[str], list[list]]:
 @torch.no_grad()
 def answer(model, question, images=None, max_new_tokens: int | None = None, stream: bool = False,
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-           use_cache: bool = True, enable_thinking: bool = False):
+           use_cache: bool = True, enable_thinking: bool = False, min_new_tokens: int | None = None):
     """Answer a question (str) or a batch (list of str, with one image list each).
 
     Returns a str (a list for a batch), or, with stream=True, an iterator of text pieces (one question).
+    `min_new_tokens` holds back the end-of-turn token that long (benchmarks need a fixed answer length).
     """
     questions, image_lists = _question_batch(question, images)
     for q in questions:
@@ -367,6 +373,10 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
     max_new = model.config.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
     if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 32768:
         raise ValueError(f"max_new_tokens must be an integer in [1, 32768], got {max_new!r}")
+    if min_new_tokens is not None and (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
+                                       or not 0 <= min_new_tokens <= max_new):
+        raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new}], "
+                         f"got {min_new_tokens!r}")
     if do_sample:
         _check_scale("temperature", temperature)
         if temperature <= 0 or not 0 < top_p <= 1:
@@ -381,27 +391,31 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
     kwargs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
                   max_new_tokens=max_new, do_sample=do_sample, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                   use_cache=use_cache)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         if seed is not None:
             torch.manual_seed(seed)
+    # transformers forces the KV cache on for inputs_embeds, so use_cache=False runs its own loop.
+    generate = model.llm.generate if use_cache else partial(generate_without_cache, model.llm)
     if stream:
         if len(questions) != 1:
             raise ValueError("stream=True takes one question at a time")
-        return _stream(model, kwargs)
-    out = model.llm.generate(**kwargs)
+        return _stream(model, generate, kwargs)
+    out = generate(**kwargs)
     answers = [a.strip() for a in tok.batch_decode(out, skip_special_tokens=True)]
     return answers[0] if isinstance(question, str) else answers
 
 
-def _stream(model, kwargs) -> Iterator[str]:
+def _stream(model, generate, kwargs) -> Iterator[str]:
     from transformers import TextIteratorStreamer
     streamer = TextIteratorStreamer(model.tokenizer, skip_special_tokens=True, timeout=600)
     errors = []
 
     def run():
         try:
-            model.llm.generate(**kwargs, streamer=streamer)
+            generate(**kwargs, streamer=streamer)
         except Exception as e:  # surface generation errors in the consumer's thread
             errors.append(e)
             streamer.end()

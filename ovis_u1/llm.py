@@ -64,3 +64,44 @@ def condition_hidden_states(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attent
                     use_cache=False)
     hs = out.hidden_states
     return torch.cat([hs[-2], hs[-1]], dim=-1)
+
+
+@torch.no_grad()
+def generate_without_cache(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor,
+                           max_new_tokens: int, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0,
+                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                           streamer=None, **_) -> Tensor:
+    """`generate` that recomputes the whole sequence for every new token: the reference for the KV cache.
+
+    transformers turns the cache back on whenever generation starts from `inputs_embeds` (as it must for
+    image prompts), so `use_cache=False` needs its own loop. Returns the new tokens [B, n], rows that
+    finished early padded with `pad_token_id`, as `generate` does for decoder-only inputs_embeds.
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+    embed = llm.get_input_embeddings()
+    b, device = inputs_embeds.shape[0], inputs_embeds.device
+    new = torch.empty(b, 0, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    embeds, mask = inputs_embeds, attention_mask
+    for i in range(max_new_tokens):
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                     use_cache=False).logits[:, -1].float()
+        if i < min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        if do_sample:
+            token = torch.multinomial(warp(new, logits).softmax(dim=-1), num_samples=1)[:, 0]
+        else:
+            token = logits.argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        new = torch.cat([new, token[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        done |= token == eos_token_id
+        if bool(done.all()):
+            break
+        embeds = torch.cat([embeds, embed(token)[:, None].to(embeds.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if streamer is not None:
+        streamer.end()
+    return new

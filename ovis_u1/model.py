@@ -97,7 +97,9 @@ class OvisU1(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.vte.weight.device
+        # Under CPU offload (acceleration.enable_cpu_offload) weights rest on the CPU between uses; inputs
+        # go to the execution device it records.
+        return getattr(self, "offload_device", None) or self.vte.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,13 +8,14 @@ linspace(1, 0, steps + 1); the two differ at every interior step (measured: 0.33
 it only matches when handed our own sigmas, and then it adds nothing over the 3-line Euler step here.
 
 Rows layout: every guidance branch holds one row per sample, branch-major ([branch0 x B, branch1 x B]),
-so a step evaluates all branches in one batched forward and `combine` folds them into one velocity.
+so a step evaluates all branches in one batched forward (or one per `reference_groups` run of branches)
+and `combine` folds them into one velocity.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,32 +74,101 @@ class DecoderInputs:
         return DecoderInputs(self.txt[:b], pick(self.txt_mask), self.y[:b], branches, pick(self.ref),
                              pick(self.ref_ids), pick(self.ref_mask))
 
+    def select(self, start: int, stop: int) -> DecoderInputs:
+        """Branches [start, stop) without the text padding and the hidden reference none of their rows uses.
+
+        Padded text keys and masked reference tokens cost a full token's compute each and contribute
+        nothing, so a forward over the selection does only the work the published per-branch loop does.
+        """
+        b = self.txt.shape[0] // self.n_branches
+        rows = slice(start * b, stop * b)
+        txt, mask = self.txt[rows], None if self.txt_mask is None else self.txt_mask[rows]
+        if mask is not None:
+            used = mask.any(dim=0)  # [L]: text columns some row of the selection needs
+            txt, mask = txt[:, used], mask[:, used]
+            mask = None if mask.all() else mask
+        ref, ref_ids, ref_mask = (None if v is None else v[rows]
+                                  for v in (self.ref, self.ref_ids, self.ref_mask))
+        if ref_mask is not None:
+            if not ref_mask.any():
+                ref = ref_ids = ref_mask = None
+            elif ref_mask.all():
+                ref_mask = None
+        return DecoderInputs(txt, mask, self.y[rows], stop - start, ref, ref_ids, ref_mask)
+
+
+def reference_groups(inputs: DecoderInputs) -> list[tuple[int, int]]:
+    """Runs [start, stop) of consecutive branches whose rows all see the reference, or all do not.
+
+    Batching an editing branch that must not see the reference with ones that do makes its rows carry
+    every reference token masked: as much compute as the target tokens, for nothing. Branches that agree
+    share one forward (their text padding is small next to the image tokens).
+    """
+    b = inputs.txt.shape[0] // inputs.n_branches
+
+    def sees_ref(k: int) -> tuple[bool, ...] | None:
+        if inputs.ref is None:
+            return None
+        if inputs.ref_mask is None:
+            return (True,) * b
+        return tuple(inputs.ref_mask[k * b:(k + 1) * b].any(dim=1).tolist())
+
+    groups: list[tuple[int, int]] = []
+    for k in range(inputs.n_branches):
+        if groups and sees_ref(k) == sees_ref(groups[-1][0]):
+            groups[-1] = (groups[-1][0], k + 1)
+        else:
+            groups.append((k, k + 1))
+    return groups
+
 
 def denoise(decoder, x: Tensor, img_ids: Tensor, inputs: DecoderInputs, timesteps: Tensor,
             combine: Callable[[Tensor], Tensor], guidance_interval: tuple[float, float] | None = None,
-            cache=None, callback: StepCallback | None = None) -> Tensor:
+            cache=None, callback: StepCallback | None = None,
+            branch_groups: Sequence[tuple[int, int]] | None = None) -> Tensor:
     """Euler loop over packed latent tokens x [B, L, C]; all guidance branches in one forward per step.
 
     With `guidance_interval=(lo, hi)` the unconditional branches run only while lo <= t <= hi; outside
     it the conditional velocity is used alone (guidance matters most in the middle of the trajectory).
+    `branch_groups` (e.g. from `reference_groups`) splits a step into one forward per run of branches
+    [start, stop), each without the text padding and hidden reference it does not need; the `cache` given
+    serves every forward that includes the conditional branch, and each other group gets its own (the
+    residuals of different rows are not comparable); their hits and calls are added to `cache` at the end.
     """
     total = len(timesteps) - 1
-    full = inputs
-    cond_only = inputs.rows(1)
+    if branch_groups is None:
+        guided_parts, cond_parts = [((0, inputs.n_branches), inputs)], [((0, 1), inputs.rows(1))]
+    else:
+        guided_parts = [(g, inputs.select(*g)) for g in branch_groups]
+        cond_parts = [((0, 1), inputs.select(0, 1))]
+    caches = {}
+
+    def cache_for(group):
+        if cache is None or group[0] == 0:
+            return cache
+        if group not in caches:
+            caches[group] = type(cache)(cache.threshold)
+        return caches[group]
+
     for i in range(total):
         t, t_next = float(timesteps[i]), float(timesteps[i + 1])
         guided = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
-        inp = full if guided else cond_only
-        k = inp.n_branches
-        rows = x.repeat(k, 1, 1)
-        ids = img_ids.repeat(k, 1, 1) if img_ids.shape[0] == x.shape[0] else img_ids
-        v = decoder(rows, ids, inp.txt, torch.zeros(*inp.txt.shape[:2], 3, device=x.device, dtype=x.dtype),
-                    torch.full((rows.shape[0],), t, device=x.device, dtype=x.dtype), inp.y,
-                    txt_mask=inp.txt_mask, ref=inp.ref, ref_ids=inp.ref_ids, ref_mask=inp.ref_mask,
-                    cache=cache)
-        v = v.float().unflatten(0, (k, x.shape[0]))
+        vs = []
+        for group, inp in guided_parts if guided else cond_parts:
+            k = inp.n_branches
+            rows = x.repeat(k, 1, 1)
+            ids = img_ids.repeat(k, 1, 1) if img_ids.shape[0] == x.shape[0] else img_ids
+            txt_ids = torch.zeros(*inp.txt.shape[:2], 3, device=x.device, dtype=x.dtype)
+            vs.append(decoder(rows, ids, inp.txt, txt_ids,
+                              torch.full((rows.shape[0],), t, device=x.device, dtype=x.dtype), inp.y,
+                              txt_mask=inp.txt_mask, ref=inp.ref, ref_ids=inp.ref_ids, ref_mask=inp.ref_mask,
+                              cache=cache_for(group)))
+        v = torch.cat(vs).float().unflatten(0, (-1, x.shape[0]))
         v = combine(v) if guided else v[0]
         x = (x.float() + (t_next - t) * v).to(x.dtype)
         if callback is not None:
             callback(i + 1, total, x)
+    for extra in caches.values():  # report every group's hits on the cache the caller holds
+        cache.hits += extra.hits
+        cache.calls += extra.calls
     return x

@@ -1,0 +1,173 @@
+"""Command line: `python -m ovis_u1 generate|edit|answer ...`.
+
+    python -m ovis_u1 generate --prompt "a red cube on a table" --num-images 2 --out outputs
+    python -m ovis_u1 edit --image photo.png --instruction "make the sky purple"
+    python -m ovis_u1 answer --question "What is in the picture?" --image photo.png --stream
+
+The model is the shipped default (`OvisU1.from_pretrained()`) unless `--checkpoint DIR` names another;
+`--preset NAME` builds a randomly initialised one instead, for trying the commands out. Bad input
+(missing or corrupt image, bad number, missing checkpoint) prints one line to stderr and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import PRESETS
+from .inference import MODES
+from .processing import ImageInputError, load_image
+
+EXIT_BAD_INPUT = 2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad input from the command line; reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block too; one line is enough
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    model = _Parser(add_help=False)
+    g = model.add_argument_group("model")
+    g.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: the shipped model)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a randomly initialised model of this preset")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--cpu-offload", action="store_true", help="keep weights in CPU RAM, one group on the GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the visual decoder")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sampling = _Parser(add_help=False)
+    g = sampling.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's, fewer in fast mode)")
+    g.add_argument("--guidance", type=float, help="text guidance scale")
+    g.add_argument("--seed", type=int, default=42, help="image k of the call uses seed + k (default 42)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt / instruction")
+    g.add_argument("--mode", choices=MODES, default="exact", help="exact (default), fast or plain")
+    g.add_argument("--out", metavar="DIR", default="outputs", help="folder for the PNGs (default outputs)")
+
+    p = _Parser(prog="python -m ovis_u1", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", parents=[model, sampling], help="text to image")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    ed = sub.add_parser("edit", parents=[model, sampling], help="edit an image by instruction")
+    ed.add_argument("--image", required=True, metavar="PATH")
+    ed.add_argument("--instruction", action="append", required=True, help="repeat for several edits")
+    ed.add_argument("--image-guidance", type=float, help="image guidance scale")
+    ans = sub.add_parser("answer", parents=[model], help="answer a question, about images or not")
+    ans.add_argument("--question", required=True)
+    ans.add_argument("--image", action="append", default=[], metavar="PATH", help="repeat for several images")
+    ans.add_argument("--max-new-tokens", type=int)
+    ans.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    return p
+
+
+def load_model(args):
+    from .model import OvisU1
+
+    if args.checkpoint and args.preset:
+        raise UsageError("give --checkpoint or --preset, not both")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but no CUDA device is available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.cpu_offload and device.type != "cuda":
+        raise UsageError("--cpu-offload needs a CUDA device")
+    load_device = "cpu" if args.cpu_offload else device
+    if args.preset:
+        model = OvisU1.from_preset(args.preset, device=load_device, dtype=dtype)
+    else:
+        model = OvisU1.from_pretrained(args.checkpoint, device=load_device, dtype=dtype)
+    model.eval()
+    if args.cpu_offload:
+        from .acceleration import enable_cpu_offload
+        enable_cpu_offload(model, device)
+    if args.compile:
+        from .acceleration import compile_decoder
+        compile_decoder(model)
+    return model
+
+
+def save_images(images, out: str, stem: str, seed: int) -> list[Path]:
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, image in enumerate(images):
+            path = folder / f"{stem}-seed{seed + k}.png"
+            image.save(path)
+            paths.append(path)
+    except OSError as e:
+        raise UsageError(f"cannot write images to {folder}: {e.strerror or e}") from None
+    return paths
+
+
+def run(args) -> None:
+    if args.command == "edit":
+        source = load_image(args.image)  # before the model loads: a bad file fails in a second
+        model = load_model(args)
+        images = model.edit(source, args.instruction, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
+                            seed=args.seed, num_images_per_prompt=args.num_images, mode=args.mode,
+                            progress=not args.quiet)
+        for path in save_images(images, args.out, "edit", args.seed):
+            print(path)
+    elif args.command == "generate":
+        model = load_model(args)
+        images = model.text_to_image(args.prompt, height=args.height, width=args.width,
+                                     num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                     seed=args.seed, num_images_per_prompt=args.num_images, mode=args.mode,
+                                     progress=not args.quiet)
+        for path in save_images(images, args.out, "generate", args.seed):
+            print(path)
+    else:
+        images = [load_image(p) for p in args.image]
+        model = load_model(args)
+        reply = model.answer(args.question, images=images, max_new_tokens=args.max_new_tokens,
+                             stream=args.stream)
+        if args.stream:
+            for piece in reply:
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(reply)
+
+
+@contextmanager
+def _one_line_warnings():
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        with _one_line_warnings():
+            run(build_parser().parse_args(argv))
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (UsageError, ValueError, ImageInputError, CheckpointError) as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The command line, run in-process through `main(argv)` on a random tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import random_image
+from PIL import Image
+
+import ovis_u1.checkpoint
+from ovis_u1.__main__ import main
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--quiet"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_generate(tmp_path, capsys):
+    code, out, err = run(capsys, "generate", *TINY, "--prompt", "a red circle", "--prompt", "a blue square",
+                         "--steps", "1", "--seed", "3", "--height", "48", "--out", str(tmp_path))
+    assert code == 0, err
+    paths = [Path(p) for p in out.split()]
+    assert [p.name for p in paths] == ["generate-seed3.png", "generate-seed4.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.size == (64, 48) and im.mode == "RGB"
+
+
+def test_generate_fast_mode_and_several_images(tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", *TINY, "--prompt", "a red circle", "--num-images", "2",
+                       "--mode", "fast", "--out", str(tmp_path))
+    assert code == 0
+    assert len(out.split()) == 2 and all(Path(p).exists() for p in out.split())
+
+
+def test_edit(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    random_image(40, 72).save(src)
+    code, out, err = run(capsys, "edit", *TINY, "--image", str(src), "--instruction", "make it red",
+                         "--steps", "1", "--image-guidance", "1.2", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    (path,) = out.split()
+    assert Path(path).name == "edit-seed42.png"
+    with Image.open(path) as im:
+        assert im.mode == "RGB" and im.width > im.height  # the output keeps the input's orientation
+
+
+def test_answer_plain_and_streamed(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    random_image(40, 40).save(src)
+    code, out, err = run(capsys, "answer", *TINY, "--question", "What is in the image?", "--image", str(src),
+                         "--max-new-tokens", "6")
+    assert code == 0, err
+    code, streamed, _ = run(capsys, "answer", *TINY, "--question", "What is in the image?",
+                            "--image", str(src), "--max-new-tokens", "6", "--stream")
+    assert code == 0
+    assert streamed == out and out.endswith("\n")
+    code, _, _ = run(capsys, "answer", *TINY, "--question", "Hello?", "--max-new-tokens", "2")
+    assert code == 0
+
+
+@pytest.mark.parametrize("command", ["edit", "answer"])
+def test_corrupt_image_is_a_one_line_error(tmp_path, capsys, command):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    args = ["--instruction", "make it red"] if command == "edit" else ["--question", "What is this?"]
+    code, out, err = run(capsys, command, *TINY, "--image", str(bad), *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "broken.png")
+
+
+def test_missing_image_file(tmp_path, capsys):
+    code, _, err = run(capsys, "edit", *TINY, "--image", str(tmp_path / "nope.png"), "--instruction", "x")
+    assert code == 2
+    assert_one_line_error(err, "does not exist")
+
+
+def test_missing_checkpoints(tmp_path, capsys, monkeypatch):
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path / "nowhere"), "--device", "cpu",
+                       "--prompt", "a cat")
+    assert code == 2
+    assert_one_line_error(err, "does not exist")
+    # No --checkpoint: the shipped default model, here made to be missing.
+    monkeypatch.setattr(ovis_u1.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    code, _, err = run(capsys, "answer", "--device", "cpu", "--question", "Hi?")
+    assert code == 2
+    assert_one_line_error(err, "default model is missing")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", *TINY, "--prompt", "a cat", "--steps", "0"], ["num_inference_steps"]),
+    (["generate", *TINY, "--prompt", "a cat", "--guidance", "nan"], ["guidance_scale"]),
+    (["generate", *TINY, "--prompt", "  "], ["prompt"]),
+    (["generate", *TINY, "--prompt", "a cat", "--height", "9999"], ["height"]),
+    (["generate", *TINY, "--prompt", "a cat", "--mode", "turbo"], ["--mode"]),
+    (["generate", *TINY, "--prompt", "a cat", "--steps", "many"], ["--steps"]),
+    (["generate", *TINY], ["--prompt"]),
+    (["answer", *TINY, "--question", "Hi?", "--max-new-tokens", "-1"], ["max_new_tokens"]),
+    (["generate", "--preset", "tiny", "--checkpoint", "x", "--prompt", "a cat"], ["not both"]),
+    (["paint", "--prompt", "a cat"], ["paint"]),
+    ([], ["command"]),
+])
+def test_bad_input_exits_2_with_one_line(capsys, argv, words):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, *words)
+
+
+def test_help(capsys):
+    code, out, _ = run(capsys, "generate", "--help")
+    assert code == 0 and "--prompt" in out
