@@ -240,7 +240,7 @@ def t2i_request(model, prompts: list[str], height: int, width: int, guidance_sca
                 num_images_per_prompt: int) -> GenerationRequest:
     g = model.config.generation
     blank = blank_image(height, width, g.blank_image_max_pixels)
-    texts = [t2i_prompts(p)[0] for p in prompts] + [t2i_prompts(prompts[0])[1]]
+    texts = [t2i_prompts(p, g.t2i_prefix)[0] for p in prompts] + [t2i_prompts(prompts[0])[1]]
     cond, mask = encode_conditions(model, texts, [blank] * len(texts))
     n = num_images_per_prompt
     rows = torch.arange(len(prompts)).repeat_interleave(n)
