@@ -106,7 +106,7 @@ def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int
             raise ValueError(f"{name} must be a number of pixels, got {side!r}")
         if not g.min_side <= side <= g.max_side:
             raise ValueError(f"{name}={side} is outside [{g.min_side}, {g.max_side}] for this model")
-        snapped = max(g.min_side, min(g.max_side, int(round(side / g.size_multiple)) * g.size_multiple))
+        snapped = max(g.min_side, min(g.max_side, round(side / g.size_multiple) * g.size_multiple))
         if snapped != side:
             warnings.warn(f"{name} {side} snapped to {snapped} (a multiple of {g.size_multiple})", stacklevel=3)
         out.append(snapped)

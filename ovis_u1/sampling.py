@@ -70,7 +70,8 @@ class DecoderInputs:
     def rows(self, branches: int) -> DecoderInputs:
         """The first `branches` branches only (the conditional one first)."""
         b = self.txt.shape[0] // self.n_branches * branches
-        pick = (lambda x: None if x is None else x[:b])
+        def pick(x):
+            return (None if x is None else x[:b])
         return DecoderInputs(self.txt[:b], pick(self.txt_mask), self.y[:b], branches, pick(self.ref),
                              pick(self.ref_ids), pick(self.ref_mask))
 
