@@ -43,14 +43,19 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WORLD_PRESETS = ("shapes", "tiny")  # models trained on (or sized for) the synthetic shapes world
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
 MAX_SEED = 2**31 - 1
-# Held-out shapes-world samples shown as examples: (category or kind, index) per task.
+# Held-out shapes-world samples shown as examples, (category or kind, index[, seed]), picked so that the
+# shipped default model gets them right at the app's defaults (checked with ovis_u1.shapes' reader). It
+# draws single objects and pairs at some seeds and does "remove" edits; counting, colour binding,
+# position and the other edit kinds failed on every one of 8 samples x 8-12 seeds tried. Re-pick when
+# the default model is retrained.
 EXAMPLE_PICKS = {
-    "t2i": [("colors", 0), ("counting", 1), ("color_attr", 2), ("position", 3), ("two_object", 4),
-            ("single_object", 5)],
-    "edit": [("recolor", 0), ("remove", 1), ("add", 2), ("replace", 3), ("move", 4)],
-    "vqa": [("color", 0), ("count", 1), ("shape", 2), ("relation", 3), ("compare", 4)],
+    "t2i": [("single_object", 1, 5), ("colors", 3, 11), ("two_object", 2, 0)],
+    "edit": [("remove", 13, 42), ("remove", 21, 42), ("remove", 20, 42)],
+    "vqa": [("color", 1), ("count", 0), ("shape", 1), ("relation", 0), ("compare", 3)],
 }
-CSS = ".pixelated img, .pixelated canvas { image-rendering: pixelated; }"
+# Small images (the shapes world's are 64 px) are shown enlarged, with crisp pixels.
+CSS = """.pixelated img, .pixelated canvas { image-rendering: pixelated; }
+#edit-source img, #edit-result img { width: 100%; height: 100%; object-fit: contain; }"""
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])  # local fonts: no web font fetch
 
@@ -151,8 +156,8 @@ def random_seed() -> int:
 # ---- examples ----------------------------------------------------------------------------------------
 @dataclass
 class Examples:
-    prompts: list[str]
-    edits: list[tuple[str, str]]  # (image path, instruction)
+    prompts: list[tuple[str, int]]  # (prompt, seed)
+    edits: list[tuple[str, str, int]]  # (image path, instruction, seed)
     questions: list[tuple[list[str], str]]  # (image paths, question)
 
 
@@ -175,17 +180,17 @@ def make_examples(model: OvisU1, folder: str | Path, picks: dict | None = None) 
         image.save(folder / f"{name}.png")
         return str(folder / f"{name}.png")
 
-    edits = [(save(e.source, f"edit_{kind}_{i}"), e.instruction)
-             for kind, i in picks["edit"] for e in [world.edit(i, kind)]]
+    edits = [(save(e.source, f"edit_{kind}_{i}"), e.instruction, seed)
+             for kind, i, seed in picks["edit"] for e in [world.edit(i, kind)]]
     questions = [([save(im, f"vqa_{kind}_{i}_{k}") for k, im in enumerate(v.images)], v.question)
                  for kind, i in picks["vqa"] for v in [world.vqa(i, kind)]]
     if in_world:
-        prompts = [world.t2i(i, category).caption for category, i in picks["t2i"]]
+        prompts = [(world.t2i(i, category).caption, seed) for category, i, seed in picks["t2i"]]
     else:
-        prompts = ["a red fox curled up in fresh snow, golden hour light",
-                   "a lighthouse on a cliff under a starry sky, watercolor",
-                   "three blue cubes stacked on a wooden table",
-                   "a yellow triangle and a green circle on a white background"]
+        prompts = [(p, 42) for p in ("a red fox curled up in fresh snow, golden hour light",
+                                     "a lighthouse on a cliff under a starry sky, watercolor",
+                                     "three blue cubes stacked on a wooden table",
+                                     "a yellow triangle and a green circle on a white background")]
     return Examples(prompts, edits, questions)
 
 
@@ -195,8 +200,9 @@ def _steps(g, elem_id: str | None = None) -> gr.Slider:
                      label="steps", elem_id=elem_id)
 
 
-def _seed() -> gr.Number:
-    return gr.Number(42, precision=0, minimum=0, maximum=MAX_SEED, label="seed", min_width=100)
+def _seed(value: int = 42, elem_id: str | None = None) -> gr.Number:
+    return gr.Number(value, precision=0, minimum=0, maximum=MAX_SEED, label="seed", min_width=100,
+                     elem_id=elem_id)
 
 
 def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str = "Ovis-U1") -> gr.Blocks:
@@ -232,7 +238,8 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
         with gr.Tab("Create", id="create"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", lines=2, value=ex.prompts[0], elem_id="create-prompt")
+                    prompt = gr.Textbox(label="Prompt", lines=2, value=ex.prompts[0][0],
+                                        elem_id="create-prompt")
                     preset = gr.Dropdown(list(presets), value=next(iter(presets)), label="Size preset")
                     with gr.Row():
                         height = gr.Slider(g.min_side, g.max_side, value=g.height, step=g.size_multiple,
@@ -243,22 +250,24 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                         steps = _steps(g, "create-steps")
                         guidance = gr.Slider(0, 20, value=g.guidance_scale, step=0.5, label="guidance")
                     with gr.Row(equal_height=True):
-                        seed = _seed()
+                        seed = _seed(ex.prompts[0][1], "create-seed")
                         dice = gr.Button("Random seed", scale=0)
                         count = gr.Slider(1, 4, value=1, step=1, label="images")
                     mode = gr.Radio(["exact", "fast"], value="exact", label="mode",
                                     info="fast: first-block cache, guidance mid-trajectory only, fewer steps")
                     create_btn = gr.Button("Generate", variant="primary", elem_id="create-run")
-                    gr.Examples([[p] for p in ex.prompts], [prompt], cache_examples=False)
-                gallery = gr.Gallery(label="Images", format="png", columns=2, height=420,
-                                     elem_id="create-gallery", elem_classes=pixelated)
+                    gr.Examples([list(p) for p in ex.prompts], [prompt, seed], cache_examples=False)
+                # Fixed columns, natural height: one 64 px image must not be blown up to the full width.
+                gallery = gr.Gallery(label="Images", format="png", columns=2, fit_columns=False,
+                                     object_fit="contain", elem_id="create-gallery", elem_classes=pixelated)
 
         with gr.Tab("Edit", id="edit"):
             edit_state = gr.State([])  # [(instruction or None, PIL image)]: this session's editing chain
             with gr.Row():
                 with gr.Column():
-                    source = unopened_uploads(gr.Image(label="Image to edit", type="filepath", height=260,
-                                                       elem_id="edit-source", elem_classes=pixelated))
+                    source = unopened_uploads(gr.Image(ex.edits[0][0], label="Image to edit", height=260,
+                                                       type="filepath", elem_id="edit-source",
+                                                       elem_classes=pixelated))
                     instruction = gr.Textbox(label="Instruction", value=ex.edits[0][1],
                                              elem_id="edit-instruction")
                     with gr.Row():
@@ -271,15 +280,16 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                         e_img = gr.Slider(0, 10, value=g.image_guidance_scale, step=0.25,
                                           label="image guidance")
                         with gr.Row(equal_height=True):
-                            e_seed = _seed()
+                            e_seed = _seed(ex.edits[0][2], "edit-seed")
                             e_dice = gr.Button("Random seed", scale=0)
                         e_mode = gr.Radio(["exact", "fast"], value="exact", label="mode")
-                    gr.Examples([list(e) for e in ex.edits], [source, instruction], cache_examples=False)
+                    gr.Examples([list(e) for e in ex.edits], [source, instruction, e_seed],
+                                cache_examples=False)
                 with gr.Column():
                     result = gr.Image(label="Result", format="png", height=260, interactive=False,
                                       elem_id="edit-result", elem_classes=pixelated)
-                    history = gr.Gallery(label="Editing history", format="png", columns=4, height=200,
-                                         elem_id="edit-history", elem_classes=pixelated)
+                    history = gr.Gallery(label="Editing history", format="png", columns=4, fit_columns=False,
+                                         object_fit="contain", elem_id="edit-history", elem_classes=pixelated)
 
         with gr.Tab("Inside the refiner", id="refiner"):
             gr.Markdown("The token refiner turns the LLM's hidden states into the decoder's text stream and "
@@ -287,10 +297,10 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                         "in red), its adaLN gates, how far each prompt token moves, and where the decoder's "
                         "image tokens look for one word.")
             with gr.Row():
-                r_prompt = gr.Textbox(label="Prompt", value=ex.prompts[min(3, len(ex.prompts) - 1)], scale=4,
+                r_prompt = gr.Textbox(label="Prompt", value=ex.prompts[-1][0], scale=4,
                                       elem_id="refiner-prompt")
                 analyse_btn = gr.Button("Analyse", variant="primary", scale=1, elem_id="refiner-run")
-            gr.Examples([[p] for p in ex.prompts], [r_prompt], cache_examples=False)
+            gr.Examples([[p] for p, _ in ex.prompts], [r_prompt], cache_examples=False)
             tokens = gr.HighlightedText(label="Prompt tokens (shade: how far the refiner moved each)")
             attention_plot = gr.Plot(label="Refiner attention", format="png", elem_id="refiner-attention")
             with gr.Row():
@@ -302,7 +312,7 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                 w_steps = _steps(g, "refiner-steps")
                 w_step = gr.Slider(1, w_steps.maximum, value=(g.num_inference_steps + 1) // 2, step=1,
                                    label="at step")
-                w_seed = _seed()
+                w_seed = _seed(ex.prompts[-1][1], "refiner-seed")
             word_btn = gr.Button("Show where the image attends to this word", elem_id="refiner-word-run")
             word_plot = gr.Plot(label="Decoder attention from image positions to the word", format="png",
                                 elem_id="refiner-word")

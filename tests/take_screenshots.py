@@ -42,24 +42,44 @@ def set_number(page, elem_id: str, value) -> None:
 
 
 def wait_for_image(page, selector: str) -> None:
+    """Until an image under `selector` has loaded and no event is still running (outputs are dimmed then)."""
     page.wait_for_function(
         "s => [...document.querySelectorAll(s)].some(i => i.complete && i.naturalWidth > 0)", arg=selector,
         timeout=TIMEOUT_MS)
+    wait_until_idle(page)
 
 
-def create_flow(page, prompt: str, steps: int = STEPS) -> None:
+def wait_until_idle(page) -> None:
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
+        ".every(t => t.classList.contains('hide') || t.innerText.trim() === '')", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(300)  # the dimming fades out
+
+
+def set_seed(page, elem_id: str, seed: int | None) -> None:
+    if seed is not None:
+        page.locator(f"#{elem_id} input").fill(str(seed))
+
+
+def create_flow(page, prompt: str, steps: int = STEPS, seed: int | None = None) -> None:
     page.locator("#create-prompt textarea").fill(prompt)
     set_number(page, "create-steps", steps)
+    set_seed(page, "create-seed", seed)
     page.locator("#create-run").click()
     wait_for_image(page, "#create-gallery img")
 
 
-def edit_flow(page, image: Path, instruction: str, more: str | None = None, steps: int = STEPS) -> None:
+def edit_flow(page, image: Path, instruction: str, more: str | None = None, steps: int = STEPS,
+              seed: int | None = None) -> None:
+    shown = page.locator("#edit-source button[aria-label='Remove Image']")  # the example shown at start
+    if shown.count():
+        shown.first.click()
     page.locator("#edit-source input[type=file]").set_input_files(str(image))
     wait_for_image(page, "#edit-source img")
     page.locator("#edit-instruction textarea").fill(instruction)
     page.locator("#edit-settings").get_by_text("Settings").first.click()
     set_number(page, "edit-steps", steps)
+    set_seed(page, "edit-seed", seed)
     page.locator("#edit-run").click()
     wait_for_image(page, "#edit-result img")
     if more:
@@ -87,11 +107,12 @@ def chat_flow(page, images: list[Path], question: str) -> str:
     return page.locator("#chat [data-testid=bot]").last.inner_text().strip()
 
 
-def refiner_flow(page, prompt: str, steps: int = STEPS) -> None:
+def refiner_flow(page, prompt: str, steps: int = STEPS, seed: int | None = None) -> None:
     page.locator("#refiner-prompt textarea").fill(prompt)
     page.locator("#refiner-run").click()
     wait_for_image(page, "#refiner-attention img")
     set_number(page, "refiner-steps", steps)
+    set_seed(page, "refiner-seed", seed)
     page.locator("#refiner-word-run").click()
     wait_for_image(page, "#refiner-word img")
 
@@ -109,14 +130,16 @@ def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
     return path
 
 
-EDIT_INSTRUCTION = "make the yellow circle purple"  # fits ShapesWorld(split="heldout").edit(0, "recolor")
+# Samples the shipped default model gets right at these seeds (app.EXAMPLE_PICKS), for the pictures.
+EDIT_INSTRUCTION = "remove the triangle"  # ShapesWorld(split="heldout").edit(13, "remove")
+QUESTION = "What color is the circle?"  # ShapesWorld(split="heldout").vqa(1, "color"): green
 
 
 def shapes_files(folder: Path) -> dict[str, Path]:
     from ovis_u1.shapes import ShapesWorld
     folder.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(split="heldout")
-    files = {"edit": world.edit(0, "recolor").source, "vqa": world.vqa(0, "color").images[0]}
+    files = {"edit": world.edit(13, "remove").source, "vqa": world.vqa(1, "color").images[0]}
     out = {}
     for name, image in files.items():
         out[name] = folder / f"{name}.png"
@@ -138,18 +161,17 @@ def main(argv=None) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = open_app(browser, url, "Understand")
-            chat_flow(page, [files["vqa"]], "What color is the triangle?")
+            chat_flow(page, [files["vqa"]], QUESTION)
             print(save_screenshot(page, args.out / "understand.png"))
-            # The model's own default steps here: these pictures show what it makes.
+            # The model's own default steps (30) here: these pictures show what it makes.
             page = open_app(browser, url, "Create")
-            set_number(page, "create-steps", 30)
-            create_flow(page, "a yellow triangle and a blue circle", steps=30)
+            create_flow(page, "a circle", steps=30, seed=5)
             print(save_screenshot(page, args.out / "create.png"))
             page = open_app(browser, url, "Edit")
-            edit_flow(page, files["edit"], EDIT_INSTRUCTION, more="add a red square", steps=30)
+            edit_flow(page, files["edit"], EDIT_INSTRUCTION, steps=30, seed=42)
             print(save_screenshot(page, args.out / "edit.png"))
             page = open_app(browser, url, "Inside the refiner")
-            refiner_flow(page, "a red circle to the left of a blue square", steps=30)
+            refiner_flow(page, "a triangle and a circle", steps=30, seed=0)
             print(save_screenshot(page, args.out / "refiner.png"))
             browser.close()
     finally:

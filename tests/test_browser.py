@@ -15,6 +15,7 @@ from PIL import Image
 from tests._app_server import CHROMIUM, CHROMIUM_ARGS, shared_app
 from tests.take_screenshots import (
     EDIT_INSTRUCTION,
+    QUESTION,
     chat_flow,
     create_flow,
     edit_flow,
@@ -80,7 +81,7 @@ def test_edit_twice_in_the_browser(browser, url, files, tmp_path):
 
 def test_one_chat_turn_in_the_browser(browser, url, files, tmp_path):
     page = open_app(browser, url, "Understand")
-    reply = chat_flow(page, [files["vqa"]], "What color is the triangle?")
+    reply = chat_flow(page, [files["vqa"]], QUESTION)
     assert reply  # the model's answer, or the app's note that it was empty
     check_screenshot(save_screenshot(page, tmp_path / "understand.png"))
 
