@@ -147,12 +147,13 @@ def config_from_published(d: dict) -> OvisU1Config:
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
-def _state_for_saving(model) -> dict[str, torch.Tensor]:
+def state_for_saving(model) -> dict[str, torch.Tensor]:
+    """The state dict as stored: contiguous tensors, without the LM head when it is tied."""
     sd = model.state_dict()
     if model.config.llm.tie_word_embeddings:
         for k in TIED_KEYS:
             sd.pop(k, None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def _atomic_dir(path: Path):
@@ -185,7 +186,7 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
                               "refusing to replace its contents: save to a new or empty directory")
     tmp = _atomic_dir(path)
     try:
-        sd = _state_for_saving(model)
+        sd = state_for_saving(model)
         if layout == "own":
             save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
             config = {"format": OWN_FORMAT, "format_version": 1, "config": model.config.to_dict()}

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ovis_u1.checkpoint import state_for_saving
 from ovis_u1.config import OvisU1Config
 from ovis_u1.model import OvisU1
 
@@ -126,9 +127,7 @@ def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, 
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.global_step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpts))
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-          if not (model.config.llm.tie_word_embeddings and k == "llm.lm_head.weight")}
-    save_file(sd, tmp / "model.safetensors")
+    save_file(state_for_saving(model), tmp / "model.safetensors")
     (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     if optimizer is not None:
