@@ -102,6 +102,11 @@ class DecoderConfig:
     vec_in_dim: int = 1536  # the refiner's CLS output width
     context_in_dim: int = 4096
     time_embed_dim: int = 256
+    # What the final layer predicts. The release predicts the velocity (noise - x0). "sample" predicts the
+    # clean latent x0 and turns it into the velocity (x_t - x0) / t inside forward, so sampling, guidance
+    # and the cache are the same for both; small models learn prompt-following much faster this way.
+    prediction: str = "velocity"
+    min_t: float = 0.02  # "sample" divides by max(t, min_t)
 
 
 @dataclass
@@ -232,7 +237,7 @@ def _shapes() -> OvisU1Config:
         refiner=RefinerConfig(in_dim=256, hidden_size=128, num_heads=4, depth=2),
         decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=128, num_heads=4, depth=2,
                               depth_single_blocks=3, axes_dim=(8, 12, 12), vec_in_dim=128,
-                              context_in_dim=256),
+                              context_in_dim=256, prediction="sample"),
         vae=VAEConfig(latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
                       norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0,
                       mid_block_add_attention=False),

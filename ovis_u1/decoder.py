@@ -222,6 +222,8 @@ class VisualDecoder(nn.Module):
         super().__init__()
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"decoder hidden_size {cfg.hidden_size} not divisible by {cfg.num_heads} heads")
+        if cfg.prediction not in ("velocity", "sample"):
+            raise ValueError(f"decoder prediction must be 'velocity' or 'sample', got {cfg.prediction!r}")
         self.cfg = cfg
         hidden = cfg.hidden_size
         self.pe_embedder = EmbedND(hidden // cfg.num_heads, cfg.theta, cfg.axes_dim)
@@ -299,7 +301,8 @@ class VisualDecoder(nn.Module):
             if i == 0 and cache is not None:
                 first_out, first_residual = x, x - x_in
                 if cache.should_skip(first_residual):
-                    return self.final_layer(first_out + cache.remaining_residual.to(x.dtype), vec)[:, :n_img]
+                    out = self.final_layer(first_out + cache.remaining_residual.to(x.dtype), vec)[:, :n_img]
+                    return self._velocity(out, img[:, :n_img], timesteps)
 
         seq = torch.cat([txt, x], dim=1)  # [B, L_txt + L_x, C]
         for block in self.single_blocks:
@@ -308,4 +311,11 @@ class VisualDecoder(nn.Module):
 
         if cache is not None:
             cache.store(first_residual, x - first_out)
-        return self.final_layer(x, vec)[:, :n_img]
+        return self._velocity(self.final_layer(x, vec)[:, :n_img], img[:, :n_img], timesteps)
+
+    def _velocity(self, out: Tensor, x_t: Tensor, timesteps: Tensor) -> Tensor:
+        """The final layer's output as a velocity: as is, or from a predicted clean latent (x_t - x0) / t."""
+        if self.cfg.prediction == "velocity":
+            return out
+        t = timesteps.to(out.dtype).clamp_min(self.cfg.min_t)[:, None, None]
+        return (x_t - out) / t

@@ -44,14 +44,14 @@ MAX_STEPS = 1000
 MAX_IMAGES_PER_CALL = 64
 
 
-# ---- argument checks ---------------------------------------------------------------------------------
-def _check_steps(steps) -> int:
+# ---- argument checks (public, so other entry points such as refiner_insight validate the same way) ---
+def check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     return steps
 
 
-def _check_scale(name: str, value) -> float:
+def check_scale(name: str, value) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -61,7 +61,7 @@ def _check_scale(name: str, value) -> float:
     return value
 
 
-def _check_prompts(prompt, what: str = "prompt") -> list[str]:
+def check_prompts(prompt, what: str = "prompt") -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError(f"no {what} given")
@@ -71,13 +71,13 @@ def _check_prompts(prompt, what: str = "prompt") -> list[str]:
     return prompts
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; choose one of {MODES}")
     return mode
 
 
-def _check_output_type(output_type: str) -> str:
+def check_output_type(output_type: str) -> str:
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type {output_type!r}; choose 'pil' or 'latent'")
     return output_type
@@ -90,7 +90,7 @@ def _tokenizer(model):
     return model.tokenizer
 
 
-def _check_count(n) -> int:
+def check_count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
         raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_CALL}], got {n!r}")
     return n
@@ -256,14 +256,14 @@ def text_to_image(model, prompt, height=None, width=None, num_inference_steps=No
                   progress: bool = True, output_type: str = "pil"):
     """Images for one prompt or a list; image k of the call (prompt-major) uses seed + k."""
     g = model.config.generation
-    prompts = _check_prompts(prompt)
-    _check_mode(mode)
-    _check_output_type(output_type)
-    n = _check_count(num_images_per_prompt)
+    prompts = check_prompts(prompt)
+    check_mode(mode)
+    check_output_type(output_type)
+    n = check_count(num_images_per_prompt)
     height, width = resolve_size(model, height, width)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
-    steps = _check_steps(default_steps if num_inference_steps is None else num_inference_steps)
-    scale = _check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
+    steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
+    scale = check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
     req = t2i_request(model, prompts, height, width, scale, int(seed), n)
     tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
     return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
@@ -306,14 +306,14 @@ def edit(model, image, instruction, num_inference_steps=None, guidance_scale=Non
     """Edited images of `image` for one instruction or a list; output size from smart_resize of the input."""
     g = model.config.generation
     source = load_image(image)
-    instructions = _check_prompts(instruction, "instruction")
-    _check_mode(mode)
-    _check_output_type(output_type)
-    n = _check_count(num_images_per_prompt)
+    instructions = check_prompts(instruction, "instruction")
+    check_mode(mode)
+    check_output_type(output_type)
+    n = check_count(num_images_per_prompt)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
-    steps = _check_steps(default_steps if num_inference_steps is None else num_inference_steps)
-    txt = _check_scale("guidance_scale", g.edit_guidance_scale if guidance_scale is None else guidance_scale)
-    img = _check_scale("image_guidance_scale",
+    steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
+    txt = check_scale("guidance_scale", g.edit_guidance_scale if guidance_scale is None else guidance_scale)
+    img = check_scale("image_guidance_scale",
                        g.image_guidance_scale if image_guidance_scale is None else image_guidance_scale)
     req = edit_request(model, source, instructions, txt, img, int(seed), n)
     tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
@@ -378,7 +378,7 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
         raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new}], "
                          f"got {min_new_tokens!r}")
     if do_sample:
-        _check_scale("temperature", temperature)
+        check_scale("temperature", temperature)
         if temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
     images_loaded = [[load_image(im) for im in ims] for ims in image_lists]

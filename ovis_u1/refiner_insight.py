@@ -29,9 +29,9 @@ from PIL import Image
 
 from .decoder import latent_ids
 from .inference import (
-    _check_prompts,
-    _check_scale,
-    _check_steps,
+    check_prompts,
+    check_scale,
+    check_steps,
     decode_latents,
     decoder_inputs,
     initial_noise,
@@ -125,7 +125,7 @@ def _prompt_span(tokenizer, ids: list[int], prompt: str, prefix: str) -> tuple[i
 @torch.no_grad()
 def refiner_report(model, prompt: str, height: int | None = None, width: int | None = None) -> RefinerReport:
     """Run `prompt`'s LLM condition (built as text_to_image builds it) through the refiner; record it all."""
-    (prompt,) = _check_prompts(prompt)
+    (prompt,) = check_prompts(prompt)
     g = model.config.generation
     height, width = resolve_size(model, height, width)
     blank = blank_image(height, width, g.blank_image_max_pixels)
@@ -162,16 +162,16 @@ def word_attention_map(model, prompt: str, word_index: int, step: int | None = N
     forward at denoising step `step` (1 = the first, from pure noise; default: the middle step), averaged
     over the double-stream blocks or taken from one (`block`). Single-stream blocks are not recorded.
     """
-    (prompt,) = _check_prompts(prompt)
+    (prompt,) = check_prompts(prompt)
     g = model.config.generation
-    steps = _check_steps(g.num_inference_steps if num_inference_steps is None else num_inference_steps)
+    steps = check_steps(g.num_inference_steps if num_inference_steps is None else num_inference_steps)
     step = (steps + 1) // 2 if step is None else step
     if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= steps:
         raise ValueError(f"step must be an integer in [1, num_inference_steps={steps}], got {step!r}")
     n_blocks = len(model.decoder.double_blocks)
     if block is not None and not 0 <= block < n_blocks:
         raise ValueError(f"block must be in [0, {n_blocks}) (the double-stream blocks), got {block!r}")
-    scale = _check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
+    scale = check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
     height, width = resolve_size(model, height, width)
     req = t2i_request(model, [prompt], height, width, scale, int(seed), 1)
 

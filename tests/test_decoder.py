@@ -157,6 +157,33 @@ def test_decoder_init_predicts_zero(tiny):
     assert dec(**_decoder_inputs(tiny.decoder)).abs().max() == 0
 
 
+def test_decoder_sample_prediction_returns_velocity(tiny):
+    """prediction="sample": the final layer's output is x0, and forward returns (x_t - x0) / max(t, min_t)."""
+    import dataclasses
+    cfg = dataclasses.replace(tiny.decoder, prediction="sample")
+    torch.manual_seed(0)
+    dec = _perturb(VisualDecoder(cfg))
+    ref = VisualDecoder(tiny.decoder)  # the same weights read as a velocity decoder
+    ref.load_state_dict(dec.state_dict())
+    kw = _decoder_inputs(cfg, with_ref=True)
+    kw["timesteps"] = torch.tensor([0.6, 0.001])  # the second row is below min_t
+    with torch.no_grad():
+        x0 = ref.eval()(**kw)
+        v = dec(**kw)
+    t = torch.tensor([0.6, cfg.min_t])[:, None, None]
+    torch.testing.assert_close(v, (kw["img"] - x0) / t)
+    # An untrained sample decoder predicts x0 = 0, i.e. the velocity x_t / t.
+    fresh = VisualDecoder(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**kw), kw["img"] / t)
+
+
+def test_decoder_rejects_unknown_prediction(tiny):
+    import dataclasses
+    with pytest.raises(ValueError, match="prediction must be 'velocity' or 'sample'"):
+        VisualDecoder(dataclasses.replace(tiny.decoder, prediction="epsilon"))
+
+
 def test_decoder_padding_parity(tiny, decoder):
     cfg = tiny.decoder
     kw = _decoder_inputs(cfg, n_txt=6)

@@ -207,3 +207,31 @@ def test_lora_merge_keeps_outputs(make_tiny):
     after = model.text_to_image("a red circle", progress=False, output_type="latent", num_inference_steps=2)
     assert not any("lora" in k for k in model.state_dict())
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh):
+    """decoder.prediction="sample": the flow loss is the x0 error of the final layer's raw output."""
+    from ovis_u1.decoder import latent_ids
+    from ovis_u1.inference import encode_conditions, refine
+    from ovis_u1.processing import blank_image, t2i_prompts
+    from train.losses import flow_loss, sample_t
+
+    model = tiny_model_fresh
+    cfg = model.decoder.cfg
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 16, cfg.in_channels)  # an 8x8 latent grid, packed 2x2
+    texts = [t2i_prompts(c, "")[0] for c in ("a red circle", "two squares")]
+    cond, mask = encode_conditions(model, texts, [blank_image(32, 32, 32 * 32)] * 2)
+    cfg.prediction = "sample"
+    with torch.no_grad():
+        loss = flow_loss(model, x0, cond, mask, (8, 8), generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        noise = torch.randn(x0.shape, generator=g)
+        t = sample_t(2, x0.device, g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        txt, cls = refine(model, cond, mask)
+        cfg.prediction = "velocity"  # the same weights, read raw: the predicted x0
+        x0_hat = model.decoder(xt, latent_ids(2, 8, 8), txt, torch.zeros(*txt.shape[:2], 3), t, cls, txt_mask=mask)
+        velocity_loss = flow_loss(model, x0, cond, mask, (8, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(x0_hat, x0))
+    assert not torch.isclose(loss, velocity_loss)

@@ -57,7 +57,7 @@ def sample_t(n: int, device, generator: torch.Generator | None = None) -> Tensor
 
 def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Tensor | None = None,
               ref_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Velocity MSE on packed tokens x0 [B, L, C]; x_t = (1 - t) x0 + t noise, target noise - x0."""
+    """Rectified-flow loss on packed tokens x0 [B, L, C]; x_t = (1 - t) x0 + t noise, velocity noise - x0."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = sample_t(b, x0.device, generator).to(x0.dtype)
@@ -68,6 +68,10 @@ def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Ten
     ref_ids = None if ref is None else latent_ids(b, h, w, index=1, device=x0.device).to(x0.dtype)
     v = model.decoder(xt, ids, txt, torch.zeros(*txt.shape[:2], 3, device=x0.device, dtype=x0.dtype), t, cls,
                       txt_mask=mask, ref=ref, ref_ids=ref_ids, ref_mask=ref_mask)
+    if model.decoder.cfg.prediction == "sample":
+        # The decoder predicts x0 (and returns (x_t - x0) / t): its loss is the x0 error, which weighs the
+        # velocity error by t^2, towards the noisy steps where the prompt decides the picture.
+        return F.mse_loss((xt - t[:, None, None] * v).float(), x0.float())
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
