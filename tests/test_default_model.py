@@ -16,11 +16,12 @@ from ovis_u1.shapes.evaluate import evaluate_model
 
 N = 24
 # Measured on this very sample (seed 0, exact mode, the model's own defaults) when the model was trained:
-# VQA 0.375 (9/24), mini-GenEval 0.0, edit success 0.0, and 3 of the 4 fixed prompts below drew at least
-# one object. GenEval and editing are at zero (see the README), so only VQA and "draws something" carry
-# floors; a floor at zero could not fail, so those two are reported, not asserted.
-MEASURED = {"vqa": 0.375, "objects_drawn": 0.75}
-FLOORS = {"vqa": 0.25, "objects_drawn": 0.5}
+# mini-GenEval 0.458 (11/24), VQA 0.583 (14/24), edit success 0.083 (2/24); all 4 fixed prompts below drew
+# objects, and the largest object had the prompt's colour in all 4.
+MEASURED = {"geneval": 0.458, "vqa": 0.583, "edit": 0.083, "objects_drawn": 1.0, "prompt_color": 1.0}
+FLOORS = {"geneval": 0.3, "vqa": 0.45, "edit": 0.04, "objects_drawn": 0.75, "prompt_color": 0.75}
+PROMPTS = [("a red circle", "red"), ("a blue square", "blue"), ("a green triangle", "green"),
+           ("two yellow circles", "yellow")]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,10 @@ def test_default_model_floors(model):
     got = {"geneval": report["geneval"]["overall"]["value"], "vqa": report["vqa"]["overall"]["value"],
            "edit": report["edit"]["overall"]["value"]}
     assert report["geneval"]["overall"]["n"] == N and report["edit"]["overall"]["n"] == N
-    images = model.text_to_image(["a red circle", "a blue square", "a green triangle", "two yellow circles"],
-                                 progress=False)
-    got["objects_drawn"] = sum(len(read_scene(im).objects) > 0 for im in images) / len(images)
+    images = model.text_to_image([p for p, _ in PROMPTS], progress=False)
+    readings = [read_scene(im).objects for im in images]
+    got["objects_drawn"] = sum(len(objs) > 0 for objs in readings) / len(images)
+    got["prompt_color"] = sum(bool(objs) and max(objs, key=lambda o: o.size).color == color
+                              for objs, (_, color) in zip(readings, PROMPTS)) / len(images)
     low = {k: (round(got[k], 3), FLOORS[k]) for k in FLOORS if got[k] < FLOORS[k]}
     assert not low, f"below the floors (got, floor): {low}; all: {got}"
