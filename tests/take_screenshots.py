@@ -131,15 +131,15 @@ def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
 
 
 # Samples the shipped default model gets right at these seeds (app.EXAMPLE_PICKS), for the pictures.
-EDIT_INSTRUCTION = "remove the triangle"  # ShapesWorld(split="heldout").edit(13, "remove")
-QUESTION = "What color is the circle?"  # ShapesWorld(split="heldout").vqa(1, "color"): green
+EDIT_INSTRUCTION = "turn the yellow circle into a triangle"  # ShapesWorld(split="heldout").edit(0, "replace")
+QUESTION = "What color is the triangle?"  # ShapesWorld(split="heldout").vqa(0, "color"): orange
 
 
 def shapes_files(folder: Path) -> dict[str, Path]:
     from ovis_u1.shapes import ShapesWorld
     folder.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(split="heldout")
-    files = {"edit": world.edit(13, "remove").source, "vqa": world.vqa(1, "color").images[0]}
+    files = {"edit": world.edit(0, "replace").source, "vqa": world.vqa(0, "color").images[0]}
     out = {}
     for name, image in files.items():
         out[name] = folder / f"{name}.png"
@@ -165,13 +165,13 @@ def main(argv=None) -> None:
             print(save_screenshot(page, args.out / "understand.png"))
             # The model's own default steps (30) here: these pictures show what it makes.
             page = open_app(browser, url, "Create")
-            create_flow(page, "a circle", steps=30, seed=5)
+            create_flow(page, "a green triangle", steps=30, seed=0)
             print(save_screenshot(page, args.out / "create.png"))
             page = open_app(browser, url, "Edit")
             edit_flow(page, files["edit"], EDIT_INSTRUCTION, steps=30, seed=42)
             print(save_screenshot(page, args.out / "edit.png"))
             page = open_app(browser, url, "Inside the refiner")
-            refiner_flow(page, "a triangle and a circle", steps=30, seed=0)
+            refiner_flow(page, "a triangle and a square", steps=30, seed=0)
             print(save_screenshot(page, args.out / "refiner.png"))
             browser.close()
     finally:
