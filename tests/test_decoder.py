@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -159,7 +160,6 @@ def test_decoder_init_predicts_zero(tiny):
 
 def test_decoder_sample_prediction_returns_velocity(tiny):
     """prediction="sample": the final layer's output is x0, and forward returns (x_t - x0) / max(t, min_t)."""
-    import dataclasses
     cfg = dataclasses.replace(tiny.decoder, prediction="sample")
     torch.manual_seed(0)
     dec = _perturb(VisualDecoder(cfg))
@@ -179,7 +179,6 @@ def test_decoder_sample_prediction_returns_velocity(tiny):
 
 
 def test_decoder_rejects_unknown_prediction(tiny):
-    import dataclasses
     with pytest.raises(ValueError, match="prediction must be 'velocity' or 'sample'"):
         VisualDecoder(dataclasses.replace(tiny.decoder, prediction="epsilon"))
 
