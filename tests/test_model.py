@@ -83,6 +83,25 @@ def test_packing_images_equals_one_by_one(tiny_model):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_equal_size_images_batch_like_the_masked_packed_sequence(tiny_model):
+    """Images of one size take the batched path; it equals the block-diagonal mask over the packed sequence
+    and each image alone."""
+    imgs = [random_image(32, 32, seed=s) for s in (1, 2, 3)]
+    patches, grids = patches_of(tiny_model, *imgs)
+    backbone = tiny_model.visual_tokenizer.backbone
+    x = torch.cat(patches)
+    with torch.no_grad():
+        batched = backbone(x, grids)
+        h = backbone.preprocessor(x, grids)
+        cos, sin = backbone._rope(grids, h.device)
+        mask = backbone._mask(grids, h.device, windowed=False)
+        for block in backbone.trunk.blocks:
+            h = block(h, cos, sin, mask)
+        alone = torch.cat([backbone(p, [g]) for p, g in zip(patches, grids)])
+    torch.testing.assert_close(batched, h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
 def _windowed_tokenizer(tiny_model, window_px: int, fullatt=(1,)) -> VisualTokenizer:
     vision = dataclasses.replace(tiny_model.config.vision, use_window_attention=True, window_size=window_px,
                                  fullatt_blocks=fullatt)
