@@ -395,10 +395,10 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
         kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        if seed is not None:
-            torch.manual_seed(seed)
     # transformers forces the KV cache on for inputs_embeds, so use_cache=False runs its own loop.
     generate = model.llm.generate if use_cache else partial(generate_without_cache, model.llm)
+    if do_sample and seed is not None:
+        generate = _seeded(generate, int(seed), model.device)
     if stream:
         if len(questions) != 1:
             raise ValueError("stream=True takes one question at a time")
@@ -438,6 +438,17 @@ def _stream(model, generate, kwargs) -> Iterator[str]:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+def _seeded(generate, seed: int, device: torch.device):
+    """`generate` drawing from its own seeded RNG: the caller's global RNG state is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+
+    def run(**kwargs):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return generate(**kwargs)
+    return run
+
+
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
