@@ -44,14 +44,13 @@ WORLD_PRESETS = ("shapes", "tiny")  # models trained on (or sized for) the synth
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
 MAX_SEED = 2**31 - 1
 # Held-out shapes-world samples shown as examples, (category or kind, index[, seed]), picked so that the
-# shipped default model gets them right at the app's defaults (checked with ovis_u1.shapes' reader over
-# 6 samples x 4 seeds per GenEval category, 10 samples per edit kind at seed 42). It draws single objects,
-# colours and pairs at most seeds; position and colour binding failed on every one tried, and of the edit
-# kinds only "add" never succeeded. Re-pick when the default model is retrained.
+# shipped default model gets them right at the app's defaults: `python tests/pick_examples.py` (the
+# scene reader over 6 samples x 4 seeds per GenEval category, 10 samples per edit kind at seed 42, exact
+# match over 6 questions per VQA kind). Re-pick when the default model is retrained.
 EXAMPLE_PICKS = {
-    "t2i": [("colors", 0, 0), ("two_object", 0, 0), ("counting", 2, 42)],
-    "edit": [("replace", 0, 42), ("remove", 6, 42), ("recolor", 4, 42)],
-    "vqa": [("color", 0), ("count", 2), ("shape", 1), ("relation", 0), ("compare", 0)],
+    "t2i": [("counting", 0, 0), ("two_object", 0, 0), ("colors", 0, 0)],
+    "edit": [("recolor", 4, 42), ("remove", 1, 42), ("replace", 6, 42)],
+    "vqa": [("color", 0), ("shape", 1), ("count", 2), ("relation", 0), ("describe", 0)],
 }
 # Small images (the shapes world's are 64 px) are shown enlarged, with crisp pixels.
 CSS = """.pixelated img, .pixelated canvas { image-rendering: pixelated; }
