@@ -41,7 +41,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
                     if geneval_correct(first(model.text_to_image(sample.caption, seed=seed, progress=False)),
                                        sample.spec)]
             if hits:
-                found.setdefault(category, (category, i, hits[0]))
+                found[category] = (category, i, hits[0])
                 break
     # Variety first: the harder categories (a success there shows more) before single objects.
     for category in ("counting", "two_object", "colors", "color_attr", "position", "single_object"):
