@@ -19,16 +19,12 @@ if __package__ in (None, ""):  # run as a script: make `ovis_u1` importable from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovis_u1 import OvisU1
-from ovis_u1.shapes.evaluate import geneval_correct, scenes_match
+from ovis_u1.shapes.evaluate import geneval_correct, one_image, scenes_match
 from ovis_u1.shapes.reader import read_scene
 from ovis_u1.shapes.world import EDIT_KINDS, GENEVAL_CATEGORIES, VQA_KINDS, ShapesWorld
 
 T2I_SEEDS = (0, 1, 2, 42)
 EDIT_SEED = 42
-
-
-def first(out):
-    return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
@@ -38,7 +34,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
         for i in range(per_category):
             sample = world.t2i(i, category)
             hits = [seed for seed in T2I_SEEDS
-                    if geneval_correct(first(model.text_to_image(sample.caption, seed=seed, progress=False)),
+                    if geneval_correct(one_image(model.text_to_image(sample.caption, seed=seed, progress=False)),
                                        sample.spec)]
             if hits:
                 found[category] = (category, i, hits[0])
@@ -51,7 +47,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
     for kind in EDIT_KINDS:
         for i in range(per_kind):
             source, instruction, target = world.edit_scenes(i, kind)
-            out = first(model.edit(source.render(), instruction, seed=EDIT_SEED, progress=False))
+            out = one_image(model.edit(source.render(), instruction, seed=EDIT_SEED, progress=False))
             if scenes_match(read_scene(out).scene, target):
                 edits.append((kind, i, EDIT_SEED))
                 break
@@ -59,7 +55,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
     for kind in VQA_KINDS:
         for i in range(per_category):
             sample = world.vqa(i, kind)
-            if first(model.answer([sample.question], images=[sample.images])).strip().lower() == sample.answer.lower():
+            if one_image(model.answer([sample.question], images=[sample.images])).strip().lower() == sample.answer.lower():
                 vqa.append((kind, i))
                 break
     return {"t2i": t2i, "edit": edits[:3], "vqa": vqa[:5]}

@@ -127,7 +127,8 @@ def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = E
 
 # ------------------------------------------------------------------------------------------ driver
 
-def _one_image(out) -> Image.Image:
+def one_image(out) -> Image.Image:
+    """The image of a single-image call: `edit` and `text_to_image` return a list for a list input."""
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
@@ -174,7 +175,7 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
         for i in range(n):
             kinds.append(EDIT_KINDS[i % len(EDIT_KINDS)])
             source, instruction, target = world.edit_scenes(i, kinds[-1])
-            edited.append(_one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
+            edited.append(one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
                                                 **edit_kwargs)))
             targets.append(target)
         report["edit"] = _by_kind(edit_success, edited, targets, kinds, EDIT_KINDS)
@@ -193,7 +194,7 @@ def sample_grid(model, seed: int = 0, columns: int = 6, scale: int = 2, **sampli
     for i, kind in enumerate(EDIT_KINDS[:columns // 2]):
         source, instruction, _ = world.edit_scenes(i, kind)
         src = source.render()
-        pairs += [(src, "source"), (_one_image(model.edit(src, instruction, seed=seed + i, progress=False,
+        pairs += [(src, "source"), (one_image(model.edit(src, instruction, seed=seed + i, progress=False,
                                                           **edit_kwargs)), instruction)]
     cells = [(im, p) for im, (p, _) in zip(t2i, prompts)] + pairs
     side, label = 64 * scale, 30
