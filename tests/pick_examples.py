@@ -55,7 +55,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
     for kind in VQA_KINDS:
         for i in range(per_category):
             sample = world.vqa(i, kind)
-            if one_image(model.answer([sample.question], images=[sample.images])).strip().lower() == sample.answer.lower():
+            if model.answer([sample.question], images=[sample.images])[0].strip().lower() == sample.answer.lower():
                 vqa.append((kind, i))
                 break
     return {"t2i": t2i, "edit": edits[:3], "vqa": vqa[:5]}
