@@ -209,12 +209,20 @@ def test_lora_merge_keeps_outputs(make_tiny):
     assert torch.allclose(before, after, atol=1e-4)
 
 
-def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh):
-    """decoder.prediction="sample": the flow loss is the x0 error of the final layer's raw output."""
+@pytest.mark.parametrize("fixed_t", [None, 0.005])
+def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh, monkeypatch, fixed_t):
+    """decoder.prediction="sample": the flow loss is the x0 error of the final layer's raw output, also for
+    t below the decoder's min_t (where it divides by min_t, not t)."""
     from ovis_u1.decoder import latent_ids
     from ovis_u1.inference import encode_conditions, refine
     from ovis_u1.processing import blank_image, t2i_prompts
-    from train.losses import flow_loss, sample_t
+    from train import losses
+    from train.losses import flow_loss
+
+    if fixed_t is not None:
+        assert fixed_t < tiny_model_fresh.decoder.cfg.min_t
+        monkeypatch.setattr(losses, "sample_t", lambda n, device, generator=None: torch.full((n,), fixed_t))
+    sample_t = losses.sample_t
 
     model = tiny_model_fresh
     cfg = model.decoder.cfg
