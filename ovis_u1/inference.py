@@ -324,6 +324,7 @@ class EditSession:
     """Multi-turn editing: each instruction edits the previous result; the history is kept here."""
 
     def __init__(self, model, image, **edit_kwargs):
+        self._check_kwargs(edit_kwargs)
         self.model, self.kwargs = model, edit_kwargs
         self.history: list[tuple[str | None, Image.Image]] = [(None, load_image(image))]
 
@@ -331,7 +332,15 @@ class EditSession:
     def current(self) -> Image.Image:
         return self.history[-1][1]
 
+    @staticmethod
+    def _check_kwargs(kwargs: dict) -> None:
+        # Each turn edits the previous result, so the history holds images; latents are for `edit` itself.
+        if kwargs.get("output_type", "pil") != "pil":
+            raise ValueError(f"EditSession keeps images, so output_type must be 'pil', got "
+                             f"{kwargs['output_type']!r}; call edit(..., output_type='latent') for latents")
+
     def edit(self, instruction: str, **kwargs) -> Image.Image:
+        self._check_kwargs(kwargs)
         result = edit(self.model, self.current, instruction, **{**self.kwargs, **kwargs})[0]
         self.history.append((instruction, result))
         return result

@@ -244,6 +244,15 @@ def test_edit_session_multi_turn(tiny_model, photo):
     assert session.undo() is session.history[0][1]  # the source is never popped
 
 
+def test_edit_session_refuses_latent_output(tiny_model, photo):
+    with pytest.raises(ValueError, match="EditSession keeps images, so output_type must be 'pil'"):
+        EditSession(tiny_model, photo, output_type="latent")
+    session = EditSession(tiny_model, photo, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="output_type must be 'pil', got 'latent'"):
+        session.edit("make it red", output_type="latent")
+    assert len(session.history) == 1  # nothing half-done was kept
+
+
 # ---- understanding ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_images():
