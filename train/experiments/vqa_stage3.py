@@ -1,0 +1,76 @@
+"""Stage-3 (understanding) variants from the stage-2 boundary checkpoint, scored on held-out VQA (n=120).
+
+The README's "default model" section quotes these runs. The checkpoint is the one a recipe run leaves at
+the end of stage 2 (global step 4,100 of `python -m train --recipe default`; copy it away before the
+trainer's keep=2 rotation removes it). Variants, by environment variable:
+
+    CKPT=runs/default/checkpoints/step_0004100 python -m train.experiments.vqa_stage3 base 600
+    GAIN=8      the adapter's LayerNorm gain x8 (a sharper visual softmax)
+    LR=1.5e-3   the stage's learning rate;  VISLR=4  vision, adapter and VTE at 4x that
+    WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
+
+One thread by default (THREADS), so two variants run side by side on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ovis_u1.shapes.evaluate import evaluate_model
+from train import losses
+from train.config import DataArgs, resolve
+from train.data import TaskData
+from train.experiments.vqa_text_oracle import CKPT, train_llm_on_text
+from train.trainer import load_checkpoint, lr_lambda, set_trainable
+
+
+def env(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    variant, steps = sys.argv[1], int(sys.argv[2])
+    lr, vis_mult, batch_size = env("LR", 5e-4), env("VISLR", 1.0), 32
+    torch.manual_seed(0)
+    args = resolve("default", [])
+    model, *_ = load_checkpoint(Path(CKPT), args)
+    with torch.no_grad():
+        model.visual_tokenizer.head[1].weight.mul_(env("GAIN", 1.0))
+    if int(env("WARM", 0)):
+        model.requires_grad_(False)
+        model.llm.requires_grad_(True)
+        train_llm_on_text(model, args, int(env("WARM", 0)), env("WLR", 1e-3), seed=7)
+    set_trainable(model, next(s for s in args.stages if s.name == "stage3"))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    visual = [p for n, p in named if n.startswith(("visual_tokenizer", "vte"))]
+    rest = [p for n, p in named if not n.startswith(("visual_tokenizer", "vte"))]
+    opt = torch.optim.AdamW([{"params": visual, "mult": vis_mult}, {"params": rest, "mult": 1.0}], lr=lr,
+                            betas=args.optim.betas, weight_decay=args.optim.weight_decay)
+    data, t0, ema = TaskData(DataArgs(image_size=64)), time.time(), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
+        loss = losses.vqa_loss(model, data.batch("vqa", step * batch_size, batch_size))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual + rest, args.optim.grad_clip or 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema = loss.item() if ema is None else 0.97 * ema + 0.03 * loss.item()
+        if (step + 1) % 100 == 0:
+            print(variant, step + 1, round(ema, 4), f"{time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    report = evaluate_model(model, n=120, tasks=("vqa",))["vqa"]
+    print(json.dumps({"variant": variant, "steps": steps, "loss": ema,
+                      "vqa": report["overall"]["value"],
+                      "kinds": {k: round(v["value"], 2) for k, v in report.items() if k != "overall"}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
