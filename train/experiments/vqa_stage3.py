@@ -7,6 +7,7 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     CKPT=runs/default/checkpoints/step_0004100 python -m train.experiments.vqa_stage3 base 600
     GAIN=8      the adapter's LayerNorm gain x8 (a sharper visual softmax)
     LR=1.5e-3   the stage's learning rate;  VISLR=4  vision, adapter and VTE at 4x that
+    STRIDE=1    a 1x1 merge (4x the visual tokens; fresh adapter head);  VOCAB=2048  a larger visual vocabulary
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
 
 One thread by default (THREADS), so two variants run side by side on 2 cores.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ovis_u1.shapes.evaluate import evaluate_model
+from ovis_u1.vision import VisualTokenizer
 from train import losses
 from train.config import DataArgs, resolve
 from train.data import TaskData
@@ -41,6 +43,16 @@ def main() -> None:
     torch.manual_seed(0)
     args = resolve("default", [])
     model, *_ = load_checkpoint(Path(CKPT), args)
+    adapter = model.config.adapter
+    stride, vocab = int(env("STRIDE", adapter.hidden_stride)), int(env("VOCAB", adapter.vocab_size))
+    if (stride, vocab) != (model.config.adapter.hidden_stride, model.config.adapter.vocab_size):
+        # A fresh adapter head (its input or output size changes) over the trained ViT; fresh VTE for a new V.
+        model.config.adapter.hidden_stride, model.config.adapter.vocab_size = stride, vocab
+        backbone = model.visual_tokenizer.backbone.state_dict()
+        model.visual_tokenizer = VisualTokenizer(model.config.vision, model.config.adapter)
+        model.visual_tokenizer.backbone.load_state_dict(backbone)
+        if model.vte.num_embeddings != vocab:
+            model.vte = torch.nn.Embedding(vocab, model.config.llm.hidden_size)
     with torch.no_grad():
         model.visual_tokenizer.head[1].weight.mul_(env("GAIN", 1.0))
     if int(env("WARM", 0)):
