@@ -8,6 +8,7 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     GAIN=8      the adapter's LayerNorm gain x8 (a sharper visual softmax)
     LR=1.5e-3   the stage's learning rate;  VISLR=4  vision, adapter and VTE at 4x that
     STRIDE=1    a 1x1 merge (4x the visual tokens; fresh adapter head);  VOCAB=2048  a larger visual vocabulary
+    FREEZE_LLM=1  stage 3 trains the vision, adapter and VTE only
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
 
 One thread by default (THREADS), so two variants run side by side on 2 cores.
@@ -60,6 +61,8 @@ def main() -> None:
         model.llm.requires_grad_(True)
         train_llm_on_text(model, args, int(env("WARM", 0)), env("WLR", 1e-3), seed=7)
     set_trainable(model, next(s for s in args.stages if s.name == "stage3"))
+    if int(env("FREEZE_LLM", 0)):
+        model.llm.requires_grad_(False)  # only the visual side learns to speak to the LLM
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     visual = [p for n, p in named if n.startswith(("visual_tokenizer", "vte"))]
     rest = [p for n, p in named if not n.startswith(("visual_tokenizer", "vte"))]
