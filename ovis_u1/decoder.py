@@ -317,5 +317,11 @@ class VisualDecoder(nn.Module):
         """The final layer's output as a velocity: as is, or from a predicted clean latent (x_t - x0) / t."""
         if self.cfg.prediction == "velocity":
             return out
-        t = timesteps.to(out.dtype).clamp_min(self.cfg.min_t)[:, None, None]
-        return (x_t - out) / t
+        return (x_t - out) / self._divisor(timesteps, out.dtype)
+
+    def clean_latent(self, velocity: Tensor, x_t: Tensor, timesteps: Tensor) -> Tensor:
+        """A "sample" decoder's predicted x0 back from the velocity it returned (the inverse of _velocity)."""
+        return x_t - self._divisor(timesteps, velocity.dtype) * velocity
+
+    def _divisor(self, timesteps: Tensor, dtype) -> Tensor:
+        return timesteps.to(dtype).clamp_min(self.cfg.min_t)[:, None, None]

@@ -70,10 +70,8 @@ def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Ten
                       txt_mask=mask, ref=ref, ref_ids=ref_ids, ref_mask=ref_mask)
     if model.decoder.cfg.prediction == "sample":
         # The decoder predicts x0 (and returns (x_t - x0) / t): its loss is the x0 error, which weighs the
-        # velocity error by t^2, towards the noisy steps where the prompt decides the picture. The decoder
-        # divides by max(t, min_t), so multiplying by the same recovers its x0 exactly, also below min_t.
-        scale = t.clamp_min(model.decoder.cfg.min_t)[:, None, None]
-        return F.mse_loss((xt - scale * v).float(), x0.float())
+        # velocity error by t^2, towards the noisy steps where the prompt decides the picture.
+        return F.mse_loss(model.decoder.clean_latent(v, xt, t).float(), x0.float())
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
