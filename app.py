@@ -325,10 +325,12 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                 raise gr.Error("type a question first")
             files = [f if isinstance(f, str) else f["path"] for f in (msg or {}).get("files") or []]
             turn = {"q": text, "images": files, "a": ""}
+            history = [] if files else conversation_history(state["turns"])
             new = {"images": files or state["images"], "turns": [*state["turns"], turn]}
             # The session's state changes only once the model answers, so a failed turn leaves no trace.
             yield chat_messages(new), gr.skip(), None
-            for piece in model.answer(text, new["images"], max_new_tokens=int(max_new_tokens), stream=True):
+            for piece in model.answer(text, new["images"], max_new_tokens=int(max_new_tokens), stream=True,
+                                      history=history):
                 turn["a"] += piece
                 yield chat_messages(new), new, gr.skip()
             turn["done"] = True
@@ -459,6 +461,12 @@ def chat_messages(state: dict) -> list[dict]:
         shown = turn["a"] or ("*(empty answer)*" if turn.get("done") else "")
         out += [{"role": "user", "content": turn["q"]}, {"role": "assistant", "content": shown}]
     return out
+
+
+def conversation_history(turns: list[dict]) -> list[tuple[str, str]]:
+    """The answered turns since the images last changed: the conversation a new question continues."""
+    start = max((k for k, t in enumerate(turns) if t["images"]), default=0)
+    return [(t["q"], t["a"]) for t in turns[start:] if t.get("done")]
 
 
 def edit_gallery(chain: list) -> list[tuple]:

@@ -30,6 +30,7 @@ from .processing import (
     UNCOND_TEXT,
     ImageInputError,
     blank_image,
+    check_history,
     generation_prompt,
     load_image,
     prepare_inputs,
@@ -366,16 +367,36 @@ def _question_batch(question, images) -> tuple[list[str], list[list]]:
                        for im in images]
 
 
+def _history_batch(history, questions: list[str], single: bool) -> list[list[tuple[str, str]]]:
+    if history is None:
+        return [[] for _ in questions]
+    if single:
+        return [check_history(history)]
+    def is_pair(h) -> bool:  # one (question, answer) pair where a whole history belongs
+        return isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h)
+
+    if (isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple))
+            or len(history) != len(questions) or any(is_pair(h) for h in history)):
+        raise ValueError(f"{len(questions)} questions take a list of {len(questions)} histories (None or "
+                         f"(question, answer) pairs each), got {history!r}")
+    return [check_history(h) for h in history]
+
+
 @torch.no_grad()
 def answer(model, question, images=None, max_new_tokens: int | None = None, stream: bool = False,
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-           use_cache: bool = True, enable_thinking: bool = False, min_new_tokens: int | None = None):
+           use_cache: bool = True, enable_thinking: bool = False, min_new_tokens: int | None = None,
+           history=None):
     """Answer a question (str) or a batch (list of str, with one image list each).
 
     Returns a str (a list for a batch), or, with stream=True, an iterator of text pieces (one question).
-    `min_new_tokens` holds back the end-of-turn token that long (benchmarks need a fixed answer length).
+    `history` continues a conversation: the earlier (question, answer) pairs, oldest first (a list of such
+    lists for a batch); the images belong to the conversation and open its first turn. `ChatSession`
+    keeps the history for you. `min_new_tokens` holds back the end-of-turn token that long (benchmarks
+    need a fixed answer length).
     """
     questions, image_lists = _question_batch(question, images)
+    histories = _history_batch(history, questions, isinstance(question, str))
     for q in questions:
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"question must be a non-empty string, got {q!r}")
@@ -391,7 +412,8 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
         if temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
     images_loaded = [[load_image(im) for im in ims] for ims in image_lists]
-    texts = [understanding_prompt(q, len(ims), enable_thinking) for q, ims in zip(questions, images_loaded)]
+    texts = [understanding_prompt(q, len(ims), enable_thinking, h)
+             for q, ims, h in zip(questions, images_loaded, histories, strict=True)]
     tok = _tokenizer(model)
     batch = prepare_inputs(tok, texts, images_loaded, model.config, pad_side="left",
                            max_length=model.config.generation.multimodal_max_length)
@@ -415,6 +437,47 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
     out = generate(**kwargs)
     answers = [a.strip() for a in tok.batch_decode(out, skip_special_tokens=True)]
     return answers[0] if isinstance(question, str) else answers
+
+
+class ChatSession:
+    """A conversation about fixed images: each question is answered with the earlier turns as history."""
+
+    def __init__(self, model, images=None, **answer_kwargs):
+        if "history" in answer_kwargs:
+            raise ValueError("ChatSession keeps the history itself; it starts empty")
+        if "stream" in answer_kwargs:
+            raise ValueError("stream is chosen per turn: ask(question, stream=True)")
+        imgs = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+        self.model, self.kwargs = model, answer_kwargs
+        self.images = [load_image(im) for im in imgs]
+        self.history: list[tuple[str, str]] = []
+
+    def ask(self, question: str, stream: bool = False, **kwargs):
+        """The answer (str), or with stream=True an iterator of its pieces; the turn is kept once complete."""
+        if not isinstance(question, str):
+            raise ValueError(f"ChatSession.ask takes one question (a string), got {type(question).__name__}")
+        if "history" in kwargs:
+            raise ValueError("ChatSession keeps the history itself")
+        kw = {**self.kwargs, **kwargs}
+        if not stream:
+            reply = answer(self.model, question, self.images, history=self.history, **kw)
+            self.history.append((question, reply))
+            return reply
+        pieces = answer(self.model, question, self.images, history=self.history, stream=True, **kw)
+        return self._keep_streamed(question, pieces)
+
+    def _keep_streamed(self, question: str, pieces: Iterator[str]) -> Iterator[str]:
+        # answer() strips its result; joining the streamed pieces gives exactly that string.
+        got = []
+        for piece in pieces:
+            got.append(piece)
+            yield piece
+        self.history.append((question, "".join(got)))
+
+    def undo(self) -> None:
+        """Forget the last turn."""
+        if self.history:
+            self.history.pop()
 
 
 def _stream(model, generate, kwargs) -> Iterator[str]:

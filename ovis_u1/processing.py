@@ -259,20 +259,63 @@ def num_visual_tokens(grid_thw: Sequence[int], hidden_stride: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def understanding_prompt(question: str, num_images: int, enable_thinking: bool = False) -> str:
-    """User turn with the images, then the assistant header (with an empty think block if thinking is off)."""
-    found = question.count(IMAGE_PLACEHOLDER)
+Turn = tuple[str, str]  # an earlier exchange of a conversation: (question, answer)
+
+
+def check_history(history) -> list[Turn]:
+    """Earlier turns as a list of (question, answer) string pairs; anything else is refused."""
+    if history is None:
+        return []
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise ValueError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+    turns = []
+    for k, turn in enumerate(history):
+        if (isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2
+                or not all(isinstance(x, str) for x in turn)):
+            raise ValueError(f"history[{k}] must be a (question, answer) pair of strings, got {turn!r}")
+        if not turn[0].strip():
+            raise ValueError(f"history[{k}] has an empty question")
+        if IMAGE_PLACEHOLDER in turn[1]:
+            raise ValueError(f"answers are text only; found {IMAGE_PLACEHOLDER} in history[{k}]'s answer")
+        turns.append((turn[0], turn[1]))
+    return turns
+
+
+def _user_contents(questions: Sequence[str], num_images: int) -> list[str]:
+    """Each user turn's content: images sit at the questions' `<image>` placeholders, else open the first turn."""
+    found = sum(q.count(IMAGE_PLACEHOLDER) for q in questions)
     if found:
         if found != num_images:
             raise ValueError(f"question has {found} {IMAGE_PLACEHOLDER} placeholders but {num_images} images "
                              "were given")
-        content = question
-    elif num_images == 1:
-        content = f"{IMAGE_PLACEHOLDER}\n{question}"
+        return list(questions)
+    if num_images == 1:
+        first = f"{IMAGE_PLACEHOLDER}\n{questions[0]}"
     else:
-        content = "".join(f"Image {i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + question
-    prompt = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-    return prompt if enable_thinking else prompt + "<think>\n\n</think>\n\n"
+        first = "".join(f"Image {i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_images + 1)) + questions[0]
+    return [first, *questions[1:]]
+
+
+def _user_turn(content: str) -> str:
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _chat_parts(question: str, num_images: int, enable_thinking: bool, history: Sequence[Turn]
+                ) -> tuple[list[tuple[str, str]], str]:
+    """([(templated user turn, its answer) for each earlier turn], the templated final user turn)."""
+    history = check_history(history)
+    contents = _user_contents([q for q, _ in history] + [question], num_images)
+    # Qwen3's template drops the think block from earlier assistant turns and keeps it on the last one.
+    final = _user_turn(contents[-1]) + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+    return [(_user_turn(c), a) for c, (_, a) in zip(contents, history)], final
+
+
+def understanding_prompt(question: str, num_images: int, enable_thinking: bool = False,
+                         history: Sequence[Turn] = ()) -> str:
+    """Earlier turns, the user turn with the question, then the assistant header (with an empty think block
+    if thinking is off). The images go into the first user turn unless the questions place `<image>`s."""
+    past, final = _chat_parts(question, num_images, enable_thinking, history)
+    return "".join(f"{user}{a}<|im_end|>\n" for user, a in past) + final
 
 
 def generation_prompt(text: str) -> str:
@@ -363,18 +406,26 @@ def truncate(ids: Sequence[int], max_length: int) -> list[int]:
 
 
 def understanding_example(tokenizer: Any, question: str, answer: str, num_images: int,
-                          enable_thinking: bool = False) -> tuple[list[int], list[int]]:
-    """(ids, labels) for one understanding turn; the loss sees only the answer and its `<|im_end|>`.
+                          enable_thinking: bool = False, history: Sequence[Turn] = ()
+                          ) -> tuple[list[int], list[int]]:
+    """(ids, labels) for one conversation; the loss sees every answer (earlier turns' too) and its `<|im_end|>`.
 
-    Ids still hold one IMAGE_TOKEN_ID per image; `expand_example` expands ids and labels together.
+    Ids still hold one IMAGE_TOKEN_ID per image; `expand_example` expands ids and labels together. The ids
+    up to the last answer are exactly `tokenize_prompt(understanding_prompt(...))`, what `answer()` feeds.
     """
     if IMAGE_PLACEHOLDER in answer:
         raise ValueError(f"answers are text only; found {IMAGE_PLACEHOLDER} in the answer")
-    prompt = tokenize_prompt(tokenizer, understanding_prompt(question, num_images, enable_thinking))
-    # Tokenised separately so the label boundaries are exact token boundaries.
-    target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    past, final = _chat_parts(question, num_images, enable_thinking, history)
     tail = tokenizer.encode("\n", add_special_tokens=False)
-    return prompt + target + tail, [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
+    ids: list[int] = []
+    labels: list[int] = []
+    for user, a in [*past, (final, answer)]:
+        prompt = tokenize_prompt(tokenizer, user)
+        # Tokenised separately so the label boundaries are exact token boundaries.
+        target = tokenizer.encode(a + "<|im_end|>", add_special_tokens=False)
+        ids += prompt + target + tail
+        labels += [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
+    return ids, labels
 
 
 def expand_example(ids: Sequence[int], labels: Sequence[int], num_visual_tokens: Sequence[int]

@@ -154,11 +154,17 @@ def test_chat_streams_and_keeps_the_images_across_turns(server, reference, shape
     assert len(job.outputs()) >= 2  # the question at once, then the answer as it streams
     first = reference.answer("What color is the triangle?", [shapes["vqa"]], max_new_tokens=8)
     assert last_answer(chat) == shown_answer(first)
-    # A follow-up without files asks about the same image; the history shows both turns.
+    # A follow-up without files continues the conversation about the same image; both turns are shown.
     chat, _ = c.predict({"text": "How many objects are there?", "files": []}, 8, api_name="/chat")
-    second = reference.answer("How many objects are there?", [shapes["vqa"]], max_new_tokens=8)
+    second = reference.answer("How many objects are there?", [shapes["vqa"]], max_new_tokens=8,
+                              history=[("What color is the triangle?", first)])
     assert user_texts(chat) == ["What color is the triangle?", "How many objects are there?"]
     assert last_answer(chat) == shown_answer(second)
+    # New files start a new conversation about them (the earlier turns stay on screen).
+    chat, _ = c.predict({"text": "How many objects are there?", "files": [handle_file(shapes["edit"])]}, 8,
+                        api_name="/chat")
+    third = reference.answer("How many objects are there?", [shapes["edit"]], max_new_tokens=8)
+    assert len(user_texts(chat)) == 3 and last_answer(chat) == shown_answer(third)
 
 
 def test_edit_then_keep_editing_then_undo(server, reference, shapes):
@@ -255,6 +261,15 @@ def test_size_presets_respect_the_model_bounds(reference):
     for h, w in presets.values():
         assert h % g.size_multiple == 0 and w % g.size_multiple == 0
         assert g.min_side <= min(h, w) and max(h, w) <= g.max_side
+
+
+def test_conversation_history_starts_at_the_last_upload_and_skips_unfinished_turns():
+    turns = [{"q": "a?", "images": ["x.png"], "a": "1", "done": True},
+             {"q": "b?", "images": ["y.png"], "a": "2", "done": True},
+             {"q": "c?", "images": [], "a": "par", "done": False},  # stopped mid-stream
+             {"q": "d?", "images": [], "a": "4", "done": True}]
+    assert app.conversation_history(turns) == [("b?", "2"), ("d?", "4")]
+    assert app.conversation_history([]) == []
 
 
 def test_readable_turns_exceptions_into_messages():

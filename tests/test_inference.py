@@ -301,6 +301,47 @@ def test_answer_streaming_strips_like_answer(tiny_model, monkeypatch):
     assert "".join(pieces) == "Two red circles." and len(pieces) > 1
 
 
+def test_answer_continues_a_conversation(tiny_model, two_images, monkeypatch):
+    import ovis_u1.inference as inference
+    from ovis_u1.processing import understanding_prompt
+    a, b = two_images
+    seen = []
+    real = inference.prepare_inputs
+    monkeypatch.setattr(inference, "prepare_inputs", lambda tok, texts, *rest, **kw: (
+        seen.append(list(texts)), real(tok, texts, *rest, **kw))[1])
+    history = [("What is in the image?", "a red circle"), ("And its size?", "small")]
+    reply = tiny_model.answer("How many?", images=a, history=history)
+    assert isinstance(reply, str) and seen[-1] == [understanding_prompt("How many?", 1, history=history)]
+    # a batch takes one history per question; None or [] starts afresh
+    batch = tiny_model.answer(["How many?", "Compare."], images=[a, [a, b]], history=[history, None])
+    assert batch[0] == reply and seen[-1][1] == understanding_prompt("Compare.", 2)
+    with pytest.raises(ValueError, match="2 questions take a list of 2 histories"):
+        tiny_model.answer(["How many?", "Compare."], images=[a, [a, b]], history=history)
+    with pytest.raises(ValueError, match=r"history\[0\] must be a \(question, answer\) pair"):
+        tiny_model.answer("How many?", images=a, history=["What is it?"])
+
+
+def test_chat_session_keeps_the_turns(tiny_model, two_images):
+    from ovis_u1.inference import ChatSession
+    a, b = two_images
+    chat = ChatSession(tiny_model, [a, b], max_new_tokens=8)
+    first = chat.ask("Which is brighter?")
+    assert chat.history == [("Which is brighter?", first)]
+    second = "".join(chat.ask("Why?", stream=True))
+    assert chat.history == [("Which is brighter?", first), ("Why?", second)]
+    assert second == tiny_model.answer("Why?", images=[a, b], history=chat.history[:1], max_new_tokens=8)
+    chat.undo()
+    assert chat.history == [("Which is brighter?", first)]
+    for kwargs, match in (({"history": []}, "keeps the history itself"), ({"stream": True}, "chosen per turn")):
+        with pytest.raises(ValueError, match=match):
+            ChatSession(tiny_model, a, **kwargs)
+    with pytest.raises(ValueError, match="one question"):
+        chat.ask(["a?", "b?"])
+    with pytest.raises(ValueError, match="non-empty"):
+        chat.ask("  ")
+    assert len(chat.history) == 1  # refused turns leave no trace
+
+
 def test_answer_multi_image_and_placeholders(tiny_model, two_images):
     a, b = two_images
     assert isinstance(tiny_model.answer("Which is brighter?", images=[a, b]), str)

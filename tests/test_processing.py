@@ -237,6 +237,28 @@ def test_understanding_prompt_strings():
         P.understanding_prompt("<image> <image> what?", 1)
 
 
+def test_understanding_prompt_with_history():
+    history = [("What color is the circle?", "red"), ("And the square?", "blue")]
+    assert P.understanding_prompt("How many?", 1, history=history) == (
+        "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\nAnd the square?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n"
+        "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # placeholders may sit in any turn; together they must match the images
+    later = P.understanding_prompt("Now compare <image>.", 2, history=[("Look at <image>.", "ok")])
+    assert later.count("<image>") == 2 and "Image 1:" not in later
+    with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
+        P.understanding_prompt("What now?", 2, history=[("Look at <image>.", "ok")])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("what?", "must be a list of"), ([("q",)], r"history\[0\] must be a \(question, answer\) pair"),
+    ([("q", 3)], "pair of strings"), ([(" ", "a")], "empty question"), ([("q", "<image>")], "text only"),
+])
+def test_history_is_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        P.understanding_prompt("q", 0, history=bad)
+
+
 def test_generation_prompts():
     assert P.generation_prompt("a cat") == "<|im_start|>user\n<image>\na cat<|im_end|>\n"
     cond, uncond = P.t2i_prompts("a red circle")
@@ -313,6 +335,18 @@ def test_understanding_labels(tok):
     assert len(t_ids) == len(t_labels) == len(ex_ids) - 2
     assert t_ids[-tail:] == ex_ids[-tail:] and t_labels[-tail:] == ex_labels[-tail:]
     assert dict(zip(t_ids, t_labels)) == {i: lab for i, lab in zip(ex_ids, ex_labels) if i in set(t_ids)}
+
+
+
+def test_conversation_labels_cover_every_answer_and_match_the_inference_prompt(tok):
+    history = [("How many objects are there?", "two"), ("Describe the image.", "a red circle and a blue square")]
+    ids, labels = P.understanding_example(tok, "What color is the square?", "blue", 1, history=history)
+    kept = [i for i, lab in zip(ids, labels, strict=True) if lab != P.IGNORE_ID]
+    assert tok.decode(kept) == "two<|im_end|>a red circle and a blue square<|im_end|>blue<|im_end|>"
+    # what answer() feeds for the last turn is exactly the ids before the last answer
+    prompt = P.tokenize_prompt(tok, P.understanding_prompt("What color is the square?", 1, history=history))
+    assert ids[:len(prompt)] == prompt and all(lab == P.IGNORE_ID for lab in labels[len(prompt) - 3:len(prompt)])
+    assert ids.count(P.IMAGE_TOKEN_ID) == 1
 
 
 def test_pad_batch():

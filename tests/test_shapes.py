@@ -206,6 +206,25 @@ def test_vqa_answers_agree_with_the_reader(kind):
     assert len(answers) > 1
 
 
+def test_vqa_conversations_continue_about_the_same_image():
+    world = ShapesWorld(seed=2)
+    with_history, forms = 0, Counter()
+    for i in range(120):
+        sample, plain = world.vqa_conversation(i, 0.5), world.vqa(i)
+        assert (sample.question, sample.answer) == (plain.question, plain.answer)  # the final turn is sample i's
+        assert world.vqa_conversation(i, 0.5).history == sample.history  # deterministic
+        assert world.vqa_conversation(i, 0.0).history == []
+        if sample.history:
+            with_history += 1
+            assert len(sample.images) == 1 and 1 <= len(sample.history) <= 2
+            reading = read_scene(sample.images[0])
+            for q, a in sample.history:
+                assert _answer_from_readings([reading], q) == a, q
+                forms[re.sub("|".join(["circle", "square", "triangle", *COLORS]), "X", q)] += 1
+    assert 35 <= with_history <= 65  # about half of the single-image ones (most samples are)
+    assert len(forms) == 6, forms  # every form: three counts, the description, a colour, a shape
+
+
 # ------------------------------------------------------------------------------------------ edits
 
 def _box(o: Obj, pad: int = 1) -> tuple[slice, slice]:
@@ -336,6 +355,24 @@ def test_jsonl_round_trip(tmp_path):
     assert np.array_equal(_pixels(edit.target), _pixels(samples[3].target))
 
 
+def test_jsonl_keeps_every_turn_of_a_conversation(tmp_path):
+    world = ShapesWorld(seed=4)
+    sample = next(s for i in range(20) if len((s := world.vqa_conversation(i, 1.0)).history) == 2)
+    (loaded,), _ = load_jsonl(write_jsonl([sample], tmp_path / "data"))
+    assert (loaded.history, loaded.question, loaded.answer) == (sample.history, sample.question, sample.answer)
+    record = json.loads((tmp_path / "data" / "data.jsonl").read_text())
+    assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * 3
+    assert record["conversations"][0]["value"].startswith("<image>\n")
+    bad = [[{"from": "human", "value": "Q?"}, {"from": "human", "value": "Q2?"}],  # no answer between
+           [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2?"}],
+           [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A"}]]  # an empty question
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps({"type": "vqa", "image": "ok.png", "conversations": c}) for c in bad))
+    with pytest.warns(UserWarning, match="skipped 3 of 3"):
+        assert load_jsonl(path) == ([], {"missing_fields": 3})
+
+
 def test_jsonl_skips_bad_records_with_one_warning(tmp_path):
     Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
@@ -362,4 +399,4 @@ def test_jsonl_skips_bad_records_with_one_warning(tmp_path):
     assert skipped == {"missing_file": 2, "unreadable_image": 1, "malformed_json": 1, "missing_fields": 1,
                        "unknown_type": 1}
     assert [type(s) for s in samples] == [T2ISample, VQASample, VQASample]
-    assert (samples[2].question, samples[2].answer) == ("Q?", "A")
+    assert (samples[2].question, samples[2].answer, samples[2].history) == ("Q?", "A", [])

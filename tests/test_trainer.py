@@ -80,6 +80,9 @@ def test_config_resolution_and_errors(tmp_path):
         resolve("smoke", ["stages.stage9.steps=1"])
     with pytest.raises(FileNotFoundError, match="built-in recipes"):
         resolve("does-not-exist")
+    for bad_fraction in ("data.vqa_history=1.5", "data.cond_dropout=-0.1"):
+        with pytest.raises(ValueError, match=r"must be a number in \[0, "):
+            resolve("smoke", [bad_fraction])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - {name: x, trainable: [wings], tasks: {t2i: 1.0}}\n")
     from train.trainer import scaled_stages
@@ -172,6 +175,20 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
     apply_lora(merged, args.lora)
     assert lora_parameters(merged.decoder)
+
+
+def test_shapes_vqa_data_holds_conversations_and_the_loss_reads_them(make_tiny):
+    from train.data import TaskData
+    from train.losses import vqa_loss
+    some, none = (TaskData(resolve("smoke", [f"data.vqa_history={p}"]).data) for p in (1.0, 0.0))
+    batch = some.batch("vqa", 0, 6)
+    assert all(bool(s.history) == (len(s.images) == 1) for s in batch) and any(s.history for s in batch)
+    assert not any(s.history for s in none.batch("vqa", 0, 6))
+    assert [s.question for s in batch] == [s.question for s in none.batch("vqa", 0, 6)]
+    model = make_tiny()
+    torch.manual_seed(0)
+    # the earlier answers carry loss too, so the conversation's loss differs from the single turn's
+    assert vqa_loss(model, batch).item() != pytest.approx(vqa_loss(model, none.batch("vqa", 0, 6)).item())
 
 
 def test_own_jsonl_data_with_bad_records(tmp_path):

@@ -24,6 +24,7 @@ class DataArgs:
     seed: int = 0
     cond_dropout: float = 0.1  # per condition branch (editing drops text, and text + image, each this often)
     lm_corpus_lines: int = 20000
+    vqa_history: float = 0.3  # shapes VQA samples (single-image) that continue a conversation of 1-2 turns
 
 
 @dataclass
@@ -164,4 +165,8 @@ def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None
         args = _coerce(TrainArgs, data, str(path))
     for item in overrides or []:
         apply_override(args, item)
+    for name, hi in (("cond_dropout", 0.5), ("vqa_history", 1.0)):  # fractions of the samples
+        value = getattr(args.data, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
+            raise ValueError(f"data.{name} must be a number in [0, {hi}], got {value!r}")
     return args

@@ -62,6 +62,8 @@ class TaskData:
             return s.image if isinstance(s, T2ISample) else s.source
         if self.own is not None:
             return self._own(task, i)
+        if task == "vqa":
+            return self.world.vqa_conversation(i, self.args.vqa_history)
         return getattr(self.world, task)(i)
 
     def batch(self, task: str, start: int, n: int) -> list:

@@ -125,7 +125,7 @@ def vqa_loss(model, samples, generator: torch.Generator | None = None) -> Tensor
             patches.append(p)
             grids.append(grid)
             counts.append(num_visual_tokens(grid, cfg.adapter.hidden_stride))
-        ids, lab = understanding_example(tok, s.question, s.answer, len(s.images))
+        ids, lab = understanding_example(tok, s.question, s.answer, len(s.images), history=s.history)
         ids, lab = expand_example(ids, lab, counts)
         ids, lab = truncate_example(ids, lab, cfg.generation.multimodal_max_length)
         rows.append(ids)

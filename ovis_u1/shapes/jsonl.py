@@ -6,14 +6,15 @@
     {"type": "vqa", "images": ["a.png"], "question": "...", "answer": "..."}
     {"type": "edit", "source": "a.png", "instruction": "...", "target": "b.png"}
 
-A VQA record uses its first human turn followed by a gpt turn; "<image>" placeholders are dropped from
-the question (the processor places image tokens itself). `write_jsonl` exports world samples in this
+A VQA conversation is human and gpt turns in alternation (turns before the first human one are ignored); its last
+exchange becomes the sample's question and answer and the earlier ones its history, and training puts
+the loss on every answer. "<image>" placeholders are dropped from the questions (the processor places
+the images at the start of the first turn itself). `write_jsonl` exports world samples in this
 format, as an example to copy.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import warnings
@@ -53,17 +54,22 @@ def _image(root: Path, rel) -> Image.Image:
         raise _Skip("unreadable_image") from None
 
 
-def _question_answer(record: dict) -> tuple[str, str]:
+def _exchanges(record: dict) -> list[tuple[str, str]]:
+    """The record's (question, answer) exchanges, oldest first."""
     turns = record.get("conversations")
     if turns is None:
-        return _text(record, "question"), _text(record, "answer")
-    if not isinstance(turns, list):
+        return [(_text(record, "question"), _text(record, "answer"))]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise _Skip("missing_fields")
-    for a, b in itertools.pairwise(turns):
-        if isinstance(a, dict) and isinstance(b, dict) and (a.get("from"), b.get("from")) == ("human", "gpt"):
-            question = re.sub(r"<image>\s*", "", _text(a, "value")).strip()
-            return question, _text(b, "value")
-    raise _Skip("missing_fields")
+    while turns and turns[0].get("from") != "human":  # a system prompt or an opening greeting
+        turns = turns[1:]
+    if not turns or len(turns) % 2 or any(t.get("from") != ("human", "gpt")[k % 2] for k, t in enumerate(turns)):
+        raise _Skip("missing_fields")
+    pairs = [(re.sub(r"<image>\s*", "", _text(q, "value")).strip(), _text(a, "value"))
+             for q, a in zip(turns[::2], turns[1::2])]
+    if any(not q or "<image>" in a for q, a in pairs):
+        raise _Skip("missing_fields")
+    return pairs
 
 
 def _parse(record, root: Path) -> Sample:
@@ -78,11 +84,11 @@ def _parse(record, root: Path) -> Sample:
             raise _Skip("missing_fields") from None
         return T2ISample(_image(root, record.get("image")), caption, spec)
     if kind == "vqa":
-        question, answer = _question_answer(record)
+        *history, (question, answer) = _exchanges(record)
         paths = record.get("images", [record["image"]] if "image" in record else None)
         if not isinstance(paths, list) or not paths:
             raise _Skip("missing_fields")
-        return VQASample([_image(root, p) for p in paths], question, answer)
+        return VQASample([_image(root, p) for p in paths], question, answer, history)
     if kind == "edit":
         instruction = _text(record, "instruction")
         return EditSample(_image(root, record.get("source")), instruction, _image(root, record.get("target")))
@@ -129,8 +135,9 @@ def write_jsonl(samples: list[Sample], folder: str | Path) -> Path:
             if s.spec is not None:
                 record["spec"] = s.spec.to_dict()
         elif isinstance(s, VQASample):
-            turns = [{"from": "human", "value": "<image>\n" * len(s.images) + s.question},
-                     {"from": "gpt", "value": s.answer}]
+            exchanges = [*s.history, (s.question, s.answer)]
+            turns = [{"from": f, "value": v} for q, a in exchanges for f, v in (("human", q), ("gpt", a))]
+            turns[0]["value"] = "<image>\n" * len(s.images) + turns[0]["value"]
             images = [save(im, f"{i:05d}_{j}.png") for j, im in enumerate(s.images)]
             record = {"type": "vqa", "images": images, "conversations": turns}
         elif isinstance(s, EditSample):

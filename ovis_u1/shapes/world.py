@@ -399,6 +399,31 @@ _VQA = {"color": _vqa_color, "shape": _vqa_shape, "count": _vqa_count, "relation
         "describe": _vqa_describe, "compare": _vqa_compare}
 
 
+def scene_question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
+    """A (question, answer) about an existing scene, in the world's VQA forms: a count, the description,
+    or the colour or shape of an object its shape or colour singles out."""
+    objs = scene.objects
+    by_shape = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    by_color = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
+    forms = ["total", "shape", "color", "describe"] + ["color_of"] * bool(by_shape) + ["shape_of"] * bool(by_color)
+    form = _pick(rng, forms)
+    if form == "total":
+        return "How many objects are there?", NUMBER_WORDS[len(objs)]
+    if form == "shape":
+        shape = _pick(rng, SHAPES)
+        return f"How many {shape}s are there?", NUMBER_WORDS[sum(o.shape == shape for o in objs)]
+    if form == "color":
+        color = _pick(rng, COLOR_NAMES)
+        return f"How many {color} objects are there?", NUMBER_WORDS[sum(o.color == color for o in objs)]
+    if form == "describe":
+        return "Describe the image.", describe(scene)
+    if form == "color_of":
+        obj = _pick(rng, by_shape)
+        return f"What color is the {obj.shape}?", obj.color
+    obj = _pick(rng, by_color)
+    return f"What shape is the {obj.color} object?", obj.shape
+
+
 def sample_vqa(rng: np.random.Generator, kind: str | None = None,
                size: int = 64) -> tuple[list[Scene], str, str]:
     """(scenes, question, answer); answers are short, lowercase and exact."""
@@ -488,6 +513,7 @@ class VQASample:
     images: list[Image.Image]
     question: str
     answer: str
+    history: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # earlier (question, answer)s
 
 
 @dataclass
@@ -533,6 +559,17 @@ class ShapesWorld:
     def vqa(self, i: int, kind: str | None = None) -> VQASample:
         scenes, question, answer = self.vqa_scenes(i, kind)
         return VQASample([s.render() for s in scenes], question, answer)
+
+    def vqa_conversation(self, i: int, history_p: float) -> VQASample:
+        """`vqa(i)` (same images, question and answer), where a single-image sample gets one or two earlier
+        exchanges about its image with probability `history_p` (drawn from their own stream, so the final
+        question stays sample i's)."""
+        scenes, question, answer = self.vqa_scenes(i)
+        rng = np.random.default_rng([self.seed, _SPLITS[self.split], _TASKS["vqa"], i, 1])
+        history = []
+        if len(scenes) == 1 and rng.random() < history_p:
+            history = [scene_question(rng, scenes[0]) for _ in range(int(rng.integers(1, 3)))]
+        return VQASample([s.render() for s in scenes], question, answer, history)
 
     def edit(self, i: int, kind: str | None = None) -> EditSample:
         source, instruction, target = self.edit_scenes(i, kind)
