@@ -48,8 +48,7 @@ def test_default_model_three_tasks(model):
 
 def test_default_model_floors(model):
     report = evaluate_model(model, n=N, seed=0)
-    got = {"geneval": report["geneval"]["overall"]["value"], "vqa": report["vqa"]["overall"]["value"],
-           "edit": report["edit"]["overall"]["value"]}
+    got = {task: report[task]["overall"]["value"] for task in ("geneval", "vqa", "followup", "edit")}
     assert report["geneval"]["overall"]["n"] == N and report["edit"]["overall"]["n"] == N
     images = model.text_to_image([p for p, _ in PROMPTS], progress=False)
     readings = [read_scene(im).objects for im in images]

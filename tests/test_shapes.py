@@ -321,7 +321,8 @@ class _FakeModel:
     def text_to_image(self, prompts, seed=0, **sampling):
         return [Image.new("RGB", (64, 64), "white") for _ in prompts]
 
-    def answer(self, question, images=()):
+    def answer(self, question, images=(), history=None):
+        self.histories = history
         return "yes" if isinstance(question, str) else ["yes"] * len(question)
 
     def edit(self, image, instruction, seed=0, **sampling):
@@ -329,9 +330,13 @@ class _FakeModel:
 
 
 def test_evaluate_model_reports_figures():
-    report = evaluate_model(_FakeModel(), n=12, seed=0)
+    fake = _FakeModel()
+    report = evaluate_model(fake, n=12, seed=0)
     assert report["geneval"]["overall"]["value"] == 0.0 and report["geneval"]["overall"]["n"] == 12
     assert set(report["vqa"]) == {"overall", *VQA_KINDS} and report["vqa"]["overall"]["n"] == 12
+    # follow-ups: single-image kinds only, each asked after 1-2 earlier turns
+    assert set(report["followup"]) == {"overall", *(k for k in VQA_KINDS if k != "compare")}
+    assert report["followup"]["overall"]["n"] == 12 and all(1 <= len(h) <= 2 for h in fake.histories)
     edit = report["edit"]["overall"]
     assert (edit["value"], edit["n"]) == (0.0, 12) and edit["ci95"] == pytest.approx([0.0, 0.2425], abs=1e-4)
 

@@ -142,10 +142,12 @@ def _by_kind(score, xs: list, ys: list, kinds: list[str], order: tuple[str, ...]
 
 
 def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8,
-                   tasks: tuple[str, ...] = ("geneval", "vqa", "edit"), **sampling) -> dict:
-    """Mini-GenEval on n prompts, then n held-out VQA samples and n held-out edits (kinds cycled, so
-    each kind gets its own figure as well as the overall one). `sampling` (mode, num_inference_steps,
-    guidance_scale, image_guidance_scale) goes to text_to_image and edit."""
+                   tasks: tuple[str, ...] = ("geneval", "vqa", "followup", "edit"), **sampling) -> dict:
+    """Mini-GenEval on n prompts, then n held-out VQA samples, n follow-up questions and n held-out edits
+    (kinds cycled, so each kind gets its own figure as well as the overall one). A follow-up is a
+    single-image question asked after one or two earlier exchanges about the image (with their true
+    answers). `sampling` (mode, num_inference_steps, guidance_scale, image_guidance_scale) goes to
+    text_to_image and edit."""
     report: dict = {}
     world = ShapesWorld(size, seed, split="heldout")
     if "geneval" in tasks:
@@ -167,6 +169,18 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
                 answers.append(answer)
             preds += model.answer(questions, images=image_lists)
         report["vqa"] = _by_kind(vqa_accuracy, preds, answers, kinds, VQA_KINDS)
+    if "followup" in tasks:
+        single = [k for k in VQA_KINDS if k != "compare"]
+        preds, answers, kinds = [], [], []
+        for start in range(0, n, batch_size):
+            samples = []
+            for i in range(start, min(n, start + batch_size)):
+                kinds.append(single[i % len(single)])
+                samples.append(world.vqa_conversation(i, 1.0, kinds[-1]))
+            preds += model.answer([s.question for s in samples], images=[s.images for s in samples],
+                                  history=[s.history for s in samples])
+            answers += [s.answer for s in samples]
+        report["followup"] = _by_kind(vqa_accuracy, preds, answers, kinds, single)
     if "edit" in tasks:
         edited, targets, kinds = [], [], []
         edit_kwargs = {k: v for k, v in sampling.items() if k != "guidance_scale"}

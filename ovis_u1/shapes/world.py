@@ -560,11 +560,11 @@ class ShapesWorld:
         scenes, question, answer = self.vqa_scenes(i, kind)
         return VQASample([s.render() for s in scenes], question, answer)
 
-    def vqa_conversation(self, i: int, history_p: float) -> VQASample:
-        """`vqa(i)` (same images, question and answer), where a single-image sample gets one or two earlier
-        exchanges about its image with probability `history_p` (drawn from their own stream, so the final
-        question stays sample i's)."""
-        scenes, question, answer = self.vqa_scenes(i)
+    def vqa_conversation(self, i: int, history_p: float, kind: str | None = None) -> VQASample:
+        """`vqa(i, kind)` (same images, question and answer), where a single-image sample gets one or two
+        earlier exchanges about its image with probability `history_p` (drawn from their own stream, so
+        the final question stays sample i's)."""
+        scenes, question, answer = self.vqa_scenes(i, kind)
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], _TASKS["vqa"], i, 1])
         history = []
         if len(scenes) == 1 and rng.random() < history_p:
