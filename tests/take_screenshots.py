@@ -131,7 +131,7 @@ def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
 
 
 # Samples the shipped default model gets right at these seeds (app.EXAMPLE_PICKS), for the pictures.
-EDIT_INSTRUCTION = "turn the yellow triangle into a square"  # ShapesWorld(split="heldout").edit(6, "replace")
+EDIT_INSTRUCTION = "turn the triangle into a circle"  # ShapesWorld(split="heldout").edit(4, "replace")
 QUESTION = "What color is the triangle?"  # ShapesWorld(split="heldout").vqa(0, "color"): orange
 
 
@@ -139,7 +139,7 @@ def shapes_files(folder: Path) -> dict[str, Path]:
     from ovis_u1.shapes import ShapesWorld
     folder.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(split="heldout")
-    files = {"edit": world.edit(6, "replace").source, "vqa": world.vqa(0, "color").images[0]}
+    files = {"edit": world.edit(4, "replace").source, "vqa": world.vqa(0, "color").images[0]}
     out = {}
     for name, image in files.items():
         out[name] = folder / f"{name}.png"

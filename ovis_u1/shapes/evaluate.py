@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--edit-guidance", type=float, default=None)
     p.add_argument("--image-guidance", type=float, default=None)
-    p.add_argument("--tasks", default="geneval,vqa,edit")
+    p.add_argument("--tasks", default="geneval,vqa,followup,edit")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--grid", default=None, help="also save a PNG of generated and edited held-out samples")
     a = p.parse_args(argv)
