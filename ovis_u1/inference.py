@@ -30,7 +30,6 @@ from .processing import (
     UNCOND_TEXT,
     ImageInputError,
     blank_image,
-    check_history,
     generation_prompt,
     load_image,
     prepare_inputs,
@@ -353,25 +352,30 @@ class EditSession:
 
 
 # ---- understanding -----------------------------------------------------------------------------------
+def _image_list(images) -> list:
+    """None, one image, or a list of images -> a list."""
+    return [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+
+
 def _question_batch(question, images) -> tuple[list[str], list[list]]:
     if isinstance(question, str):
-        imgs = [] if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
-        return [question], [imgs]
+        return [question], [_image_list(images)]
     questions = list(question)
     if images is None:
         images = [[] for _ in questions]
     if len(images) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists; pass one list per question")
     # None = a text-only question inside a batch that has images elsewhere.
-    return questions, [[] if im is None else [im] if not isinstance(im, (list, tuple)) else list(im)
-                       for im in images]
+    return questions, [_image_list(im) for im in images]
 
 
-def _history_batch(history, questions: list[str], single: bool) -> list[list[tuple[str, str]]]:
+def _history_batch(history, questions: list[str], single: bool) -> list:
+    """One history per question (understanding_prompt checks each)."""
     if history is None:
-        return [[] for _ in questions]
+        return [None for _ in questions]
     if single:
-        return [check_history(history)]
+        return [history]
+
     def is_pair(h) -> bool:  # one (question, answer) pair where a whole history belongs
         return isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h)
 
@@ -379,7 +383,7 @@ def _history_batch(history, questions: list[str], single: bool) -> list[list[tup
             or len(history) != len(questions) or any(is_pair(h) for h in history)):
         raise ValueError(f"{len(questions)} questions take a list of {len(questions)} histories (None or "
                          f"(question, answer) pairs each), got {history!r}")
-    return [check_history(h) for h in history]
+    return list(history)
 
 
 @torch.no_grad()
@@ -447,9 +451,8 @@ class ChatSession:
             raise ValueError("ChatSession keeps the history itself; it starts empty")
         if "stream" in answer_kwargs:
             raise ValueError("stream is chosen per turn: ask(question, stream=True)")
-        imgs = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
         self.model, self.kwargs = model, answer_kwargs
-        self.images = [load_image(im) for im in imgs]
+        self.images = [load_image(im) for im in _image_list(images)]
         self.history: list[tuple[str, str]] = []
 
     def ask(self, question: str, stream: bool = False, **kwargs):

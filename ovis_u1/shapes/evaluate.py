@@ -141,6 +141,21 @@ def _by_kind(score, xs: list, ys: list, kinds: list[str], order: tuple[str, ...]
     return report
 
 
+def _vqa_report(model, world: ShapesWorld, n: int, batch_size: int, kinds_order: tuple[str, ...],
+                history_p: float) -> dict:
+    """Exact-match accuracy on n held-out questions, kinds cycled, each after its earlier turns (if any)."""
+    preds, answers, kinds = [], [], []
+    for start in range(0, n, batch_size):
+        samples = []
+        for i in range(start, min(n, start + batch_size)):
+            kinds.append(kinds_order[i % len(kinds_order)])
+            samples.append(world.vqa_conversation(i, history_p, kinds[-1]))
+        preds += model.answer([s.question for s in samples], images=[s.images for s in samples],
+                              history=[s.history for s in samples])
+        answers += [s.answer for s in samples]
+    return _by_kind(vqa_accuracy, preds, answers, kinds, kinds_order)
+
+
 def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8,
                    tasks: tuple[str, ...] = ("geneval", "vqa", "followup", "edit"), **sampling) -> dict:
     """Mini-GenEval on n prompts, then n held-out VQA samples, n follow-up questions and n held-out edits
@@ -158,29 +173,10 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
             images += list(model.text_to_image(chunk, seed=seed + start, progress=False, **sampling))
         report["geneval"] = score_geneval(images, [s for _, s in prompts])
     if "vqa" in tasks:
-        preds, answers, kinds = [], [], []
-        for start in range(0, n, batch_size):
-            questions, image_lists = [], []
-            for i in range(start, min(n, start + batch_size)):
-                kinds.append(VQA_KINDS[i % len(VQA_KINDS)])
-                scenes, question, answer = world.vqa_scenes(i, kinds[-1])
-                questions.append(question)
-                image_lists.append([sc.render() for sc in scenes])
-                answers.append(answer)
-            preds += model.answer(questions, images=image_lists)
-        report["vqa"] = _by_kind(vqa_accuracy, preds, answers, kinds, VQA_KINDS)
+        report["vqa"] = _vqa_report(model, world, n, batch_size, VQA_KINDS, history_p=0.0)
     if "followup" in tasks:
-        single = [k for k in VQA_KINDS if k != "compare"]
-        preds, answers, kinds = [], [], []
-        for start in range(0, n, batch_size):
-            samples = []
-            for i in range(start, min(n, start + batch_size)):
-                kinds.append(single[i % len(single)])
-                samples.append(world.vqa_conversation(i, 1.0, kinds[-1]))
-            preds += model.answer([s.question for s in samples], images=[s.images for s in samples],
-                                  history=[s.history for s in samples])
-            answers += [s.answer for s in samples]
-        report["followup"] = _by_kind(vqa_accuracy, preds, answers, kinds, single)
+        report["followup"] = _vqa_report(model, world, n, batch_size,
+                                         tuple(k for k in VQA_KINDS if k != "compare"), history_p=1.0)
     if "edit" in tasks:
         edited, targets, kinds = [], [], []
         edit_kwargs = {k: v for k, v in sampling.items() if k != "guidance_scale"}

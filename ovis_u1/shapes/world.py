@@ -318,18 +318,35 @@ def sample_t2i(rng: np.random.Generator, category: str | None = None, size: int 
 
 
 # ---------------------------------------------------------------------------------- understanding
+# The question templates, shared by the generators below and `scene_question`.
+DESCRIBE_QUESTION = "Describe the image."
+
+
+def _color_question(shape: str) -> str:
+    return f"What color is the {shape}?"
+
+
+def _shape_question(color: str) -> str:
+    return f"What shape is the {color} object?"
+
+
+def _count_question(by: str, value: str | None = None) -> str:
+    if by == "total":
+        return "How many objects are there?"
+    return f"How many {value}s are there?" if by == "shape" else f"How many {value} objects are there?"
+
 
 def _vqa_color(rng, size):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     others = _random_pairs(rng, int(rng.integers(0, MAX_OBJECTS)), shapes=[s for s in SHAPES if s != shape])
-    return [_scene(rng, size, [(shape, color), *others])], f"What color is the {shape}?", color
+    return [_scene(rng, size, [(shape, color), *others])], _color_question(shape), color
 
 
 def _vqa_shape(rng, size):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     others = _random_pairs(rng, int(rng.integers(0, MAX_OBJECTS)),
                            colors=[c for c in COLOR_NAMES if c != color])
-    return [_scene(rng, size, [(shape, color), *others])], f"What shape is the {color} object?", shape
+    return [_scene(rng, size, [(shape, color), *others])], _shape_question(color), shape
 
 
 def _counted(rng, size, k, by: str, value: str | None) -> Scene:
@@ -349,11 +366,10 @@ def _vqa_count(rng, size):
     by = _pick(rng, ("shape", "color", "total"))
     if by == "total":
         k = int(rng.integers(1, MAX_OBJECTS + 1))
-        return [random_scene(rng, size, k)], "How many objects are there?", NUMBER_WORDS[k]
+        return [random_scene(rng, size, k)], _count_question(by), NUMBER_WORDS[k]
     k = int(rng.integers(0, MAX_OBJECTS + 1))
     value = _pick(rng, SHAPES if by == "shape" else COLOR_NAMES)
-    question = f"How many {value}s are there?" if by == "shape" else f"How many {value} objects are there?"
-    return [_counted(rng, size, k, by, value)], question, NUMBER_WORDS[k]
+    return [_counted(rng, size, k, by, value)], _count_question(by, value), NUMBER_WORDS[k]
 
 
 def _vqa_relation(rng, size):
@@ -372,7 +388,7 @@ def _vqa_relation(rng, size):
 
 def _vqa_describe(rng, size):
     scene = random_scene(rng, size)
-    return [scene], "Describe the image.", describe(scene)
+    return [scene], DESCRIBE_QUESTION, describe(scene)
 
 
 def _vqa_compare(rng, size):
@@ -408,20 +424,20 @@ def scene_question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
     forms = ["total", "shape", "color", "describe"] + ["color_of"] * bool(by_shape) + ["shape_of"] * bool(by_color)
     form = _pick(rng, forms)
     if form == "total":
-        return "How many objects are there?", NUMBER_WORDS[len(objs)]
+        return _count_question("total"), NUMBER_WORDS[len(objs)]
     if form == "shape":
         shape = _pick(rng, SHAPES)
-        return f"How many {shape}s are there?", NUMBER_WORDS[sum(o.shape == shape for o in objs)]
+        return _count_question("shape", shape), NUMBER_WORDS[sum(o.shape == shape for o in objs)]
     if form == "color":
         color = _pick(rng, COLOR_NAMES)
-        return f"How many {color} objects are there?", NUMBER_WORDS[sum(o.color == color for o in objs)]
+        return _count_question("color", color), NUMBER_WORDS[sum(o.color == color for o in objs)]
     if form == "describe":
-        return "Describe the image.", describe(scene)
+        return DESCRIBE_QUESTION, describe(scene)
     if form == "color_of":
         obj = _pick(rng, by_shape)
-        return f"What color is the {obj.shape}?", obj.color
+        return _color_question(obj.shape), obj.color
     obj = _pick(rng, by_color)
-    return f"What shape is the {obj.color} object?", obj.shape
+    return _shape_question(obj.color), obj.shape
 
 
 def sample_vqa(rng: np.random.Generator, kind: str | None = None,
