@@ -3,6 +3,8 @@
     python -m ovis_u1 generate --prompt "a red cube on a table" --num-images 2 --out outputs
     python -m ovis_u1 edit --image photo.png --instruction "make the sky purple"
     python -m ovis_u1 answer --question "What is in the picture?" --image photo.png --stream
+    python -m ovis_u1 answer --image scene.png --question "How many circles?" --question "What colour are they?"
+    python -m ovis_u1 answer --image scene.png --chat      # one question per line on stdin, until EOF
 
 The model is the shipped default (`OvisU1.from_pretrained()`) unless `--checkpoint DIR` names another;
 `--preset NAME` builds a randomly initialised one instead, for trying the commands out. Bad input
@@ -68,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--instruction", action="append", required=True, help="repeat for several edits")
     ed.add_argument("--image-guidance", type=float, help="image guidance scale")
     ans = sub.add_parser("answer", parents=[model], help="answer a question, about images or not")
-    ans.add_argument("--question", required=True)
+    ans.add_argument("--question", action="append", default=[],
+                     help="repeat for a conversation: each is asked with the earlier turns as history")
+    ans.add_argument("--chat", action="store_true",
+                     help="after any --question, read one question per line from stdin until EOF")
     ans.add_argument("--image", action="append", default=[], metavar="PATH", help="repeat for several images")
     ans.add_argument("--max-new-tokens", type=int)
     ans.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -134,16 +139,36 @@ def run(args) -> None:
         for path in save_images(images, args.out, "generate", args.seed):
             print(path)
     else:
+        if not args.question and not args.chat:
+            raise UsageError("answer needs --question (repeat it for a conversation) or --chat")
         images = [load_image(p) for p in args.image]
         model = load_model(args)
-        reply = model.answer(args.question, images=images, max_new_tokens=args.max_new_tokens,
-                             stream=args.stream)
-        if args.stream:
-            for piece in reply:
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(reply)
+        from .inference import ChatSession
+        chat = ChatSession(model, images, max_new_tokens=args.max_new_tokens)
+        for question in _questions(args):
+            reply = chat.ask(question, stream=args.stream)
+            if args.stream:
+                for piece in reply:
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                print(reply, flush=True)
+
+
+def _questions(args):
+    """The --question turns, then (with --chat) one per non-empty stdin line; a prompt only on a terminal."""
+    yield from args.question
+    if not args.chat:
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
 
 
 @contextmanager

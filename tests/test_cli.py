@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import random_image
 from PIL import Image
@@ -70,6 +71,36 @@ def test_answer_plain_and_streamed(tmp_path, capsys):
     assert streamed == out and out.endswith("\n")
     code, _, _ = run(capsys, "answer", *TINY, "--question", "Hello?", "--max-new-tokens", "2")
     assert code == 0
+
+
+def test_answer_conversation_and_chat(tmp_path, capsys, monkeypatch):
+    import io
+
+    from ovis_u1 import OvisU1
+    from ovis_u1.shapes import random_scene
+    src = tmp_path / "scene.png"
+    random_scene(np.random.default_rng(3)).render().save(src)
+    # The shipped model, so the answers are words (a random tiny model's can be empty, which would let a
+    # CLI that drops the history pass): the second answer must come from the two-turn conversation.
+    model = OvisU1.from_pretrained().eval()
+    image = Image.open(src).convert("RGB")
+    first = model.answer("How many objects are there?", images=[image])
+    second = model.answer("What color is the largest object?", images=[image],
+                          history=[("How many objects are there?", first)])
+    assert first and second
+    base = ["answer", "--device", "cpu", "--image", str(src)]
+    questions = ["--question", "How many objects are there?", "--question", "What color is the largest object?"]
+    code, out, err = run(capsys, *base, *questions)
+    assert code == 0, err
+    assert out == f"{first}\n{second}\n"
+    # --chat reads the same turns from stdin (blank lines skipped, no prompt when stdin is not a terminal).
+    monkeypatch.setattr("sys.stdin", io.StringIO("How many objects are there?\n\nWhat color is the largest object?\n"))
+    code, chatted, err = run(capsys, *base, "--chat")
+    assert code == 0, err
+    assert chatted == out and err == ""
+    code, _, err = run(capsys, *base)
+    assert code == 2
+    assert_one_line_error(err, "--question", "--chat")
 
 
 @pytest.mark.parametrize("command", ["edit", "answer"])
