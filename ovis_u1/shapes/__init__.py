@@ -1,17 +1,6 @@
 """The shapes world: deterministic synthetic data for the small default model, its scene reader, the
 evaluators (mini-GenEval, VQA, editing) and JSONL import/export of users' own data. numpy + PIL only."""
 
-from ovis_u1.shapes.evaluate import (
-    edit_success,
-    evaluate_model,
-    geneval_correct,
-    geneval_prompts,
-    scenes_match,
-    score_geneval,
-    spec_satisfied,
-    vqa_accuracy,
-    wilson_interval,
-)
 from ovis_u1.shapes.jsonl import load_jsonl, write_jsonl
 from ovis_u1.shapes.reader import Reading, read_scene
 from ovis_u1.shapes.world import (
@@ -19,7 +8,7 @@ from ovis_u1.shapes.world import (
     EDIT_KINDS,
     GENEVAL_CATEGORIES,
     SHAPES,
-                                     T2I_CATEGORIES,
+    T2I_CATEGORIES,
     VQA_KINDS,
     EditSample,
     Obj,
@@ -27,14 +16,14 @@ from ovis_u1.shapes.world import (
     ShapesWorld,
     Spec,
     SpecItem,
-                                     T2ISample,
+    T2ISample,
     VQASample,
     describe,
     random_scene,
     relations,
     sample_edit,
     sample_spec,
-                                     sample_t2i,
+    sample_t2i,
     sample_vqa,
     scene_for_spec,
     world_text_corpus,
@@ -48,3 +37,15 @@ __all__ = [
     "scenes_match", "score_geneval", "spec_satisfied", "vqa_accuracy", "wilson_interval", "world_text_corpus",
     "write_jsonl",
 ]
+
+# The evaluators load on first use, so `python -m ovis_u1.shapes.evaluate` runs the module once (importing
+# it here would put it in sys.modules before runpy executes it, and runpy warns about that).
+_EVALUATE_NAMES = {"edit_success", "evaluate_model", "geneval_correct", "geneval_prompts", "scenes_match",
+                   "score_geneval", "spec_satisfied", "vqa_accuracy", "wilson_interval"}
+
+
+def __getattr__(name: str):
+    if name in _EVALUATE_NAMES:
+        from ovis_u1.shapes import evaluate
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'ovis_u1.shapes' has no attribute {name!r}")
