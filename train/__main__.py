@@ -1,7 +1,7 @@
 """python -m train [--recipe NAME|PATH] [--resume] [key=value ...]
 
 Examples:
-  python -m train --recipe default                      # the shipped default model, all stages (CPU, ~2 h)
+  python -m train --recipe default                      # the shipped default model, all stages (CPU, 1.5-2.2 h)
   python -m train --recipe paper step_scale=0.01 batch_scale=0.01 out_dir=runs/paper_small
   python -m train --recipe default --resume             # continue the last run exactly where it stopped
   accelerate launch -m train --recipe paper             # several GPUs (DDP; FSDP via `accelerate config`)
