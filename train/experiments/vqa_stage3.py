@@ -10,6 +10,8 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     STRIDE=1    a 1x1 merge (4x the visual tokens; fresh adapter head);  VOCAB=2048  a larger visual vocabulary
     FREEZE_LLM=1  stage 3 trains the vision, adapter and VTE only
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
+    SHAPE_FRAC=0.5  that fraction of each batch is shape questions (the mix has ~1/6; see vqa_gradients)
+    SHAPE_FIRST=600 the first 600 steps are shape questions only (a curriculum), then the usual mix
 
 One thread by default (THREADS), so two variants run side by side on 2 cores.
 """
@@ -72,7 +74,11 @@ def main() -> None:
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
-        loss = losses.vqa_loss(model, data.batch("vqa", step * batch_size, batch_size))
+        batch = data.batch("vqa", step * batch_size, batch_size)
+        n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
+        if n_shape:  # shape questions from their own index range, in place of the first rows
+            batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
+        loss = losses.vqa_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(visual + rest, args.optim.grad_clip or 1.0)
         opt.step()
