@@ -27,6 +27,7 @@ keep_checkpoints=40`, stop it when the step is reached, and point CKPT at that s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
@@ -69,6 +70,25 @@ def consistency(vectors: list[torch.Tensor]) -> float:
     return float(np.mean(cos))
 
 
+@contextlib.contextmanager
+def keeping_visual_embeds(saved: dict):
+    """While active, every multimodal embedding keeps its gradient: saved["embeds"] [B, L, D] and
+    saved["atoms"], the mask of its visual-token positions."""
+    plain_embed = model_module.embed_multimodal
+
+    def embed_keeping_grad(llm, vte, input_ids, visual_probs):
+        out = plain_embed(llm, vte, input_ids, visual_probs)
+        out.retain_grad()
+        saved["embeds"], saved["atoms"] = out, input_ids == VISUAL_ATOM_ID
+        return out
+
+    model_module.embed_multimodal = embed_keeping_grad
+    try:
+        yield saved
+    finally:
+        model_module.embed_multimodal = plain_embed
+
+
 def answer_grads(model, batches) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]]:
     per_group: dict[str, list[torch.Tensor]] = {}
     attenuation = {"embeds": [], "logits": [], "features": []}
@@ -83,20 +103,13 @@ def answer_grads(model, batches) -> tuple[dict[str, list[torch.Tensor]], dict[st
         return hook
 
     handles = [vt.backbone.register_forward_hook(keep("features")), vt.head.register_forward_hook(keep("logits"))]
-    plain_embed = model_module.embed_multimodal
-
-    def embed_keeping_grad(llm, vte, input_ids, visual_probs):
-        out = plain_embed(llm, vte, input_ids, visual_probs)
-        out.retain_grad()
-        saved["embeds"], saved["atoms"] = out, input_ids == VISUAL_ATOM_ID
-        return out
-
-    model_module.embed_multimodal = embed_keeping_grad
     try:
         for samples in batches:
             model.zero_grad(set_to_none=True)
             saved.clear()
-            losses.vqa_loss(model, samples).backward()
+            with keeping_visual_embeds(saved):
+                loss = losses.vqa_loss(model, samples)
+            loss.backward()
             for g, v in grads_by_group(model).items():
                 per_group.setdefault(g, []).append(v)
             # Mean gradient norm per visual token (LLM input rows), per logit row, per ViT patch feature.
@@ -104,7 +117,6 @@ def answer_grads(model, batches) -> tuple[dict[str, list[torch.Tensor]], dict[st
             attenuation["logits"].append(float(saved["logits"].grad.norm(dim=-1).mean()))
             attenuation["features"].append(float(saved["features"].grad.norm(dim=-1).mean()))
     finally:
-        model_module.embed_multimodal = plain_embed
         for h in handles:
             h.remove()
     return per_group, {k: float(np.mean(v)) for k, v in attenuation.items() if v}
@@ -141,16 +153,7 @@ def class_share(gs: torch.Tensor, labels: list[str]) -> float:
 def paired(model, head, n: int, seed: int) -> dict:
     cfg, rng = model.config, np.random.default_rng(seed)
     answer, embeds, direct, labels = [], [], [], []
-    plain_embed, saved = model_module.embed_multimodal, {}
-
-    def embed_keeping_grad(llm, vte, input_ids, visual_probs):
-        out = plain_embed(llm, vte, input_ids, visual_probs)
-        out.retain_grad()
-        saved["embeds"], saved["atoms"] = out, input_ids == VISUAL_ATOM_ID
-        return out
-
-    model_module.embed_multimodal = embed_keeping_grad
-    try:
+    with keeping_visual_embeds({}) as saved:
         for _ in range(n):
             scene = random_scene(rng, 64, n=1)
             obj = scene.objects[0]
@@ -167,8 +170,6 @@ def paired(model, head, n: int, seed: int) -> dict:
             F.cross_entropy(head(pooled_features(model, p, [grid])), target).backward()
             direct.append(grads_by_group(model)["vit"])
             labels.append(obj.shape)
-    finally:
-        model_module.embed_multimodal = plain_embed
     out = {"chance_class_share": (len(SHAPES) - 1) / (n - 1)}
     for name, gs in (("answer_vit", torch.stack(answer)), ("answer_embeds", torch.stack(embeds)),
                      ("direct_vit", torch.stack(direct))):
