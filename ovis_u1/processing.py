@@ -237,6 +237,14 @@ def preprocess_image(image: Image.Image, patch_size: int, hidden_stride: int, mi
     return patches.contiguous(), (1, height // patch_size, width // patch_size)
 
 
+def image_patches(src: ImageSource, cfg: OvisU1Config) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An image (path, bytes or PIL) cut the way a model of this config reads it: `load_image`, then
+    `preprocess_image` with the vision patch size and the adapter's stride, pixel bounds and normalisation."""
+    adapter = cfg.adapter
+    return preprocess_image(load_image(src), cfg.vision.patch_size, adapter.hidden_stride, adapter.min_pixels,
+                            adapter.max_pixels, adapter.image_mean, adapter.image_std)
+
+
 def patches_to_image(patches: torch.Tensor, grid_thw: Sequence[int], mean: Sequence[float],
                      std: Sequence[float], hidden_stride: int = 2) -> torch.Tensor:
     """Inverse of `preprocess_image`: merge-group patches -> [3, H, W] pixels in [0, 1] (un-normalised)."""
@@ -486,13 +494,12 @@ def prepare_inputs(tokenizer: Any, texts: Sequence[str], images_per_text: Sequen
     """Templated prompts + their images -> padded model inputs (load, preprocess, tokenize, expand, pad)."""
     if len(texts) != len(images_per_text):
         raise ValueError(f"got {len(texts)} texts but {len(images_per_text)} image lists")
-    adapter, stride = cfg.adapter, cfg.adapter.hidden_stride
+    stride = cfg.adapter.hidden_stride
     rows, patches, grids = [], [], []
     for text, images in zip(texts, images_per_text, strict=True):
         counts = []
         for src in images:
-            p, grid = preprocess_image(load_image(src), cfg.vision.patch_size, stride, adapter.min_pixels,
-                                       adapter.max_pixels, adapter.image_mean, adapter.image_std)
+            p, grid = image_patches(src, cfg)
             patches.append(p)
             grids.append(grid)
             counts.append(num_visual_tokens(grid, stride))

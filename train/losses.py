@@ -22,10 +22,9 @@ from ovis_u1.processing import (
     blank_image,
     expand_example,
     generation_prompt,
-    load_image,
+    image_patches,
     num_visual_tokens,
     pad_batch,
-    preprocess_image,
     t2i_prompts,
     tokenize_prompt,
     truncate_example,
@@ -119,9 +118,7 @@ def vqa_loss(model, samples, generator: torch.Generator | None = None) -> Tensor
     for s in samples:
         counts = []
         for im in s.images:
-            p, grid = preprocess_image(load_image(im), cfg.vision.patch_size, cfg.adapter.hidden_stride,
-                                       cfg.adapter.min_pixels, cfg.adapter.max_pixels, cfg.adapter.image_mean,
-                                       cfg.adapter.image_std)
+            p, grid = image_patches(im, cfg)
             patches.append(p)
             grids.append(grid)
             counts.append(num_visual_tokens(grid, cfg.adapter.hidden_stride))

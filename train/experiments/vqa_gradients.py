@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 import ovis_u1.model as model_module
 from ovis_u1.llm import VISUAL_ATOM_ID
-from ovis_u1.processing import preprocess_image
+from ovis_u1.processing import image_patches
 from ovis_u1.shapes import SHAPES, ShapesWorld, VQASample, random_scene
+from ovis_u1.shapes.world import _shape_question  # the world's own template, so the wording matches training
 from train import losses
 from train.config import DataArgs, resolve
 from train.data import TaskData
@@ -127,9 +128,7 @@ def shape_batches(cfg, n_batches: int, batch_size: int, seed: int):
     out = []
     for _ in range(n_batches):
         scenes = [random_scene(rng, 64, n=1) for _ in range(batch_size)]
-        patches, grids = zip(*[preprocess_image(s.render(), cfg.vision.patch_size, cfg.adapter.hidden_stride,
-                                                cfg.adapter.min_pixels, cfg.adapter.max_pixels,
-                                                cfg.adapter.image_mean, cfg.adapter.image_std) for s in scenes])
+        patches, grids = zip(*[image_patches(s.render(), cfg) for s in scenes])
         labels = torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
         out.append((torch.cat(patches), list(grids), labels))
     return out
@@ -140,13 +139,17 @@ def pooled_features(model, patches, grids) -> torch.Tensor:
     return feats.view(len(grids), -1, feats.shape[-1]).amax(dim=1)
 
 
-def class_share(gs: torch.Tensor, labels: list[str]) -> float:
+def by_class(labels: list[str]) -> dict[str, list[int]]:
+    """Sample indices per shape that occurs."""
+    return {c: idx for c in SHAPES if (idx := [i for i, lab in enumerate(labels) if lab == c])}
+
+
+def class_share(gs: torch.Tensor, classes: dict[str, list[int]]) -> float:
     """Between-class share of the image-specific gradient: sum_c n_c |mean_c - mean|^2 / sum_i |g_i - mean|^2.
 
     About (classes - 1) / (n - 1) when the gradients carry no class information, 1 when they are all class."""
     dev = gs - gs.mean(0)
-    between = sum(len(idx) * dev[idx].mean(0).norm() ** 2
-                  for idx in ([i for i, lab in enumerate(labels) if lab == c] for c in SHAPES) if idx)
+    between = sum(len(idx) * dev[idx].mean(0).norm() ** 2 for idx in classes.values())
     return float(between / (dev.norm(dim=1) ** 2).sum())
 
 
@@ -156,29 +159,26 @@ def paired(model, head, n: int, seed: int) -> dict:
     with keeping_visual_embeds({}) as saved:
         for _ in range(n):
             scene = random_scene(rng, 64, n=1)
-            obj = scene.objects[0]
+            obj, image = scene.objects[0], scene.render()
             model.zero_grad(set_to_none=True)
-            sample = VQASample([scene.render()], f"What shape is the {obj.color} object?", obj.shape)
-            losses.vqa_loss(model, [sample]).backward()
+            losses.vqa_loss(model, [VQASample([image], _shape_question(obj.color), obj.shape)]).backward()
             answer.append(grads_by_group(model)["vit"])
             embeds.append(saved["embeds"].grad[saved["atoms"]].flatten().clone())
-            p, grid = preprocess_image(scene.render(), cfg.vision.patch_size, cfg.adapter.hidden_stride,
-                                       cfg.adapter.min_pixels, cfg.adapter.max_pixels, cfg.adapter.image_mean,
-                                       cfg.adapter.image_std)
+            p, grid = image_patches(image, cfg)
             model.zero_grad(set_to_none=True)
             target = torch.tensor([SHAPES.index(obj.shape)])
             F.cross_entropy(head(pooled_features(model, p, [grid])), target).backward()
             direct.append(grads_by_group(model)["vit"])
             labels.append(obj.shape)
+    answer, embeds, direct = torch.stack(answer), torch.stack(embeds), torch.stack(direct)
+    classes = by_class(labels)
     out = {"chance_class_share": (len(SHAPES) - 1) / (n - 1)}
-    for name, gs in (("answer_vit", torch.stack(answer)), ("answer_embeds", torch.stack(embeds)),
-                     ("direct_vit", torch.stack(direct))):
+    for name, gs in (("answer_vit", answer), ("answer_embeds", embeds), ("direct_vit", direct)):
         out[name] = {"common_share": float(gs.mean(0).norm() ** 2 / (gs.norm(dim=1) ** 2).mean()),
-                     "class_share": class_share(gs, labels)}
-    da, dd = (torch.stack(g) - torch.stack(g).mean(0) for g in (answer, direct))
+                     "class_share": class_share(gs, classes)}
+    da, dd = answer - answer.mean(0), direct - direct.mean(0)
     out["answer_vs_direct_class_cosine"] = {
-        c: float(F.cosine_similarity(da[idx].mean(0), dd[idx].mean(0), dim=0))
-        for c, idx in ((c, [i for i, lab in enumerate(labels) if lab == c]) for c in SHAPES) if idx}
+        c: float(F.cosine_similarity(da[idx].mean(0), dd[idx].mean(0), dim=0)) for c, idx in classes.items()}
     return out
 
 
