@@ -121,12 +121,28 @@ def _key_padding(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else rearrange(mask.bool(), "B L -> B 1 1 L")
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v on [..., L, D]; attn_mask is boolean (True = attend), broadcastable.
+
+    bf16 on CPU (training under `precision: bf16`) takes the explicit matmul path with a float32 softmax:
+    PyTorch's CPU flash kernel runs its bf16 backward ~3x slower than float32, while the two bf16 matmuls
+    beat the float32 kernel (batch 32, 4 heads of 32, 88 / 152 tokens: 9.9 / 19.7 ms forward + backward
+    against 11.8 / 30.5 ms in float32). Everywhere else it is PyTorch's fused kernel.
+    """
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None = None,
               mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention on [B, H, L, D]; mask is a key-padding mask [B, L]. Returns [B, L, H*D]."""
     if pe is not None:
         q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_padding(mask))
+    x = sdpa(q, k, v, attn_mask=_key_padding(mask))
     return rearrange(x, "B H L D -> B L (H D)")
 
 

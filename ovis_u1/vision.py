@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import AdapterConfig, VisionConfig
+from .layers import sdpa
 from .processing import merge_group_order
 
 
@@ -72,7 +73,7 @@ class Attention(nn.Module):
         cos, sin = (rearrange(c, "(b n) d -> b 1 n d", b=images) for c in (cos, sin))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = sdpa(q, k, v, attn_mask=mask)
         return self.proj(rearrange(out, "b h n d -> (b n) (h d)"))
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ovis_u1.config import DecoderConfig, RefinerConfig, get_preset
 from ovis_u1.decoder import FirstBlockCache, VisualDecoder, latent_ids, pack_latents, unpack_latents
-from ovis_u1.layers import EmbedND, apply_rope, attention, attention_weights
+from ovis_u1.layers import EmbedND, apply_rope, attention, attention_weights, sdpa
 from ovis_u1.refiner import TokenRefiner
 
 LATENT_H = LATENT_W = 8  # tiny latent grid -> 16 image tokens
@@ -88,6 +88,23 @@ def test_attention_weights_match_sdpa():
     w = attention_weights(q, k, mask=mask)
     expected = torch.einsum("bhqk,bhkd->bqhd", w, v).reshape(2, 6, 16)
     torch.testing.assert_close(attention(q, k, v, mask=mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_cpu_attention_path_matches_float32():
+    """Under bf16 autocast on CPU, sdpa takes explicit matmuls; values and gradients track float32."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 32, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(sdpa(q, k, v, attn_mask=mask), ref)  # float32: the fused kernel itself
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    low = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    out = sdpa(*low, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for got, want in zip(torch.autograd.grad(out.float().square().sum(), low), ref_grads):
+        assert (got.float() - want).norm() / want.norm() < 0.02
 
 
 # ------------------------------------------------------------------------------------------ refiner

@@ -16,6 +16,8 @@ import yaml
 
 from .stages import PAPER_STAGES, StageArgs
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class DataArgs:
@@ -66,6 +68,9 @@ class TrainArgs:
     keep_checkpoints: int = 2
     threads: int | None = None
     cpu: bool = False  # force CPU even where CUDA exists (accelerate's cpu=True)
+    # "bf16": losses run under bf16 autocast (weights, optimizer and targets stay float32); on 2 CPU
+    # cores it makes the generation stages 1.2-1.35x faster and the LLM stages no faster.
+    precision: str = "fp32"
     progress: bool = True
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
@@ -165,6 +170,8 @@ def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None
         args = _coerce(TrainArgs, data, str(path))
     for item in overrides or []:
         apply_override(args, item)
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {args.precision!r}")
     for name, hi in (("cond_dropout", 0.5), ("vqa_history", 1.0)):  # fractions of the samples
         value = getattr(args.data, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:

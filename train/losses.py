@@ -77,7 +77,7 @@ def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Ten
 @torch.no_grad()
 def encode_latents(model, images: list[Image.Image]) -> tuple[Tensor, tuple[int, int]]:
     latents = model.vae.encode(images_to_tensor(images, model.device))
-    return pack_latents(latents), tuple(latents.shape[-2:])
+    return pack_latents(latents).float(), tuple(latents.shape[-2:])  # float32 targets under autocast too
 
 
 def t2i_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0.1) -> Tensor:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,17 +46,19 @@ class TrainState:
 class TrainingModule(nn.Module):
     """What DDP/FSDP wraps: one forward = the summed losses of a mixed-task batch."""
 
-    def __init__(self, model: OvisU1, cond_dropout: float):
+    def __init__(self, model: OvisU1, cond_dropout: float, precision: str = "fp32"):
         super().__init__()
         self.model = model
         self.cond_dropout = cond_dropout
+        self.bf16 = precision == "bf16"
 
     def forward(self, batches: dict[str, list], weights: dict[str, float], generator: torch.Generator):
         parts = {}
-        for task, samples in batches.items():
-            fn = TASK_LOSSES[task]
-            kwargs = {"cond_dropout": self.cond_dropout} if task in ("t2i", "edit") else {}
-            parts[task] = fn(self.model, samples, generator, **kwargs)
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for task, samples in batches.items():
+                fn = TASK_LOSSES[task]
+                kwargs = {"cond_dropout": self.cond_dropout} if task in ("t2i", "edit") else {}
+                parts[task] = fn(self.model, samples, generator, **kwargs).float()
         total = sum(weights[t] * parts[t] for t in parts) / sum(weights[t] for t in parts)
         return total, {t: float(v.detach()) for t, v in parts.items()}
 
@@ -238,6 +241,12 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
         state = TrainState()
         generator.manual_seed(args.seed * 1000 + accelerator.process_index)
     model.to(accelerator.device)
+    if args.precision == "bf16" and accelerator.device.type == "cpu":
+        # transformers' sdpa path takes PyTorch's CPU flash kernel, whose bf16 backward is ~3x slower
+        # than float32; its eager path is two matmuls and a float32 softmax (see ovis_u1.layers.sdpa).
+        model.llm.set_attn_implementation("eager")
+    if args.precision == "bf16":  # the ViT's nn.RMSNorm sees bf16 input with float32 weights: correct, unfused
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     log = _Logger(out_dir, main, args.progress)
 
     while state.stage_index < len(stages):
@@ -249,7 +258,8 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
             opt_state = None
-        module, optimizer = accelerator.prepare(TrainingModule(model, args.data.cond_dropout), optimizer)
+        module, optimizer = accelerator.prepare(
+            TrainingModule(model, args.data.cond_dropout, args.precision), optimizer)
         log.stage(stage, len(trainable), sum(p.numel() for p in params))
         rows = stage.split_batch(stage.batch_size)
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -291,6 +301,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
     state.done = True
     log.close()
     export = Path(args.export) if args.export else out_dir / "final"
+    model.llm.set_attn_implementation("sdpa")  # the exported model runs inference on the fused kernel
     if main:
         if args.lora.enabled:
             merge_lora(model)
