@@ -51,6 +51,12 @@ class TrainingModule(nn.Module):
         self.model = model
         self.cond_dropout = cond_dropout
         self.bf16 = precision == "bf16"
+        if self.bf16 and model.device.type == "cpu":
+            # transformers' sdpa path takes PyTorch's CPU flash kernel, whose bf16 backward is ~3x slower
+            # than float32; its eager path is two matmuls and a float32 softmax (see ovis_u1.layers.sdpa).
+            model.llm.set_attn_implementation("eager")
+        if self.bf16:  # the ViT's nn.RMSNorm sees bf16 input with float32 weights: correct, unfused
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
 
     def forward(self, batches: dict[str, list], weights: dict[str, float], generator: torch.Generator):
         parts = {}
@@ -241,12 +247,6 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
         state = TrainState()
         generator.manual_seed(args.seed * 1000 + accelerator.process_index)
     model.to(accelerator.device)
-    if args.precision == "bf16" and accelerator.device.type == "cpu":
-        # transformers' sdpa path takes PyTorch's CPU flash kernel, whose bf16 backward is ~3x slower
-        # than float32; its eager path is two matmuls and a float32 softmax (see ovis_u1.layers.sdpa).
-        model.llm.set_attn_implementation("eager")
-    if args.precision == "bf16":  # the ViT's nn.RMSNorm sees bf16 input with float32 weights: correct, unfused
-        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     log = _Logger(out_dir, main, args.progress)
 
     while state.stage_index < len(stages):

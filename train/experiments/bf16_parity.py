@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ovis_u1.shapes.world import ShapesWorld
 from train import losses
 from train.config import resolve
 from train.data import TaskData
@@ -46,7 +47,8 @@ def heldout_loss(model, samples: dict[str, list], seed: int = 123) -> dict[str, 
 
 
 def _median(run: dict) -> float:
-    return statistics.median(run["times"][5:])  # the first steps warm up the allocator and kernels
+    times = run["times"]
+    return statistics.median(times[5:] or times)  # the first steps warm up the allocator and kernels
 
 
 def main(argv: list[str]) -> int:
@@ -57,9 +59,8 @@ def main(argv: list[str]) -> int:
     stage = next(s for s in args.stages if s.name == stage_name)
     data = TaskData(args.data)
     base, *_ = load_checkpoint(Path(os.environ.get("CKPT", "runs/to_stage2/checkpoints/step_0004100")), args)
-    heldout_data = TaskData(args.data)
-    heldout_data.world = type(data.world)(size=args.data.image_size, seed=args.data.seed, split="heldout")
-    held = {t: heldout_data.batch(t, 0, 128) for t in stage.tasks}
+    world = ShapesWorld(size=args.data.image_size, seed=args.data.seed, split="heldout")
+    held = {t: [getattr(world, t)(i) for i in range(128)] for t in stage.tasks}
     runs = {}
     for precision in ("fp32", "bf16"):
         model = copy.deepcopy(base)
@@ -69,7 +70,6 @@ def main(argv: list[str]) -> int:
                                                                                  precision),
                                opt=torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
                                                      weight_decay=args.optim.weight_decay), times=[])
-    runs["bf16"]["model"].llm.set_attn_implementation("eager")  # as the trainer does on CPU
     rows = stage.split_batch(stage.batch_size)
     print(f"{stage_name}, {steps} steps, batch {rows}, held-out samples per task 128")
     print("step  " + "  ".join(f"{p}:{t}" for p in runs for t in stage.tasks))
