@@ -1,4 +1,4 @@
-"""GPU options: model CPU offload, a compiled decoder, and bfloat16 autocast.
+"""GPU options: model CPU offload, a compiled decoder, and bfloat16 autocast (and whether it pays off).
 
     model = OvisU1.from_pretrained(path, dtype=torch.bfloat16)
     enable_cpu_offload(model)          # weights rest in CPU RAM; one component group on the GPU at a time
@@ -103,4 +103,24 @@ def autocast(model_or_device, dtype: torch.dtype = torch.bfloat16) -> torch.auto
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-__all__ = ["CpuOffloadHandle", "autocast", "compile_decoder", "enable_cpu_offload", "offload_groups"]
+def bf16_is_native(device: str | torch.device) -> bool:
+    """Whether `device` does bf16 matrix products in hardware, so bf16 autocast can pay off.
+
+    True for CUDA devices with bf16 support and for CPUs whose oneDNN has a bf16 path (AVX512 with BF16
+    or AMX; Arm with BF16). Elsewhere PyTorch falls back to a slow reference kernel: on an AVX2-only EPYC
+    a [2816, 128] @ [128, 512] product took 285 ms in bf16 against 4.9 ms in float32, and a default-recipe
+    stage-5 training step 10.0 s against 0.95 s.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # PyTorch's own test for its CPU bf16 path (there is no public one)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+__all__ = ["CpuOffloadHandle", "autocast", "bf16_is_native", "compile_decoder", "enable_cpu_offload",
+           "offload_groups"]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_config_resolution_and_errors(tmp_path):
     for bad_fraction in ("data.vqa_history=1.5", "data.cond_dropout=-0.1"):
         with pytest.raises(ValueError, match=r"must be a number in \[0, "):
             resolve("smoke", [bad_fraction])
-    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'auto'\], got 'fp16'"):
         resolve("smoke", ["precision=fp16"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  - {name: x, trainable: [wings], tasks: {t2i: 1.0}}\n")
@@ -264,6 +265,7 @@ def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh, mo
     assert not torch.isclose(loss, velocity_loss)
 
 
+@pytest.mark.filterwarnings("ignore:precision=bf16 on a cpu device without native bf16")
 def test_bf16_precision_trains_like_float32(tmp_path):
     """precision=bf16 runs the losses under autocast: the same losses to bf16 rounding, float32 weights."""
     runs = {}
@@ -279,3 +281,51 @@ def test_bf16_precision_trains_like_float32(tmp_path):
     assert all(abs(a[k] - b[k]) <= 0.05 * abs(a[k]) for k in a), {k: (a[k], b[k]) for k in a}
     assert any(a[k] != b[k] for k in a)  # it did run in bf16
     assert all(p.dtype == torch.float32 for p in bf16_model.parameters())
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    """An AVX2-only CPU emulates bf16 matmuls (~10x slower steps): "auto" trains in fp32 there, and an
+    explicit bf16 is kept but warned about."""
+    import train.trainer as trainer
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer, "bf16_is_native", lambda device, native=native: native)
+        assert trainer.resolve_precision("auto", cpu) == expected
+        assert trainer.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.warns(UserWarning, match="without native bf16 matmuls"):
+        assert trainer.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(trainer, "bf16_is_native", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.resolve_precision("bf16", cpu) == "bf16"
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])
+def test_auto_precision_trains_as_it_resolves(tmp_path, monkeypatch, capsys, native):
+    """A run with precision=auto says what it chose and trains exactly as a run given that precision."""
+    import train.trainer as trainer
+    monkeypatch.setattr(trainer, "bf16_is_native", lambda device: native)
+    chosen = "bf16" if native else "fp32"
+    losses = {}
+    for precision in ("auto", chosen):
+        out = tmp_path / precision
+        train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", "log_every=1",
+                                "only_stages=[stage5]", "stages.stage5.steps=2", f"precision={precision}"]))
+        losses[precision] = _losses(out)
+    assert f"precision auto -> {chosen}" in capsys.readouterr().out
+    assert losses["auto"] == losses[chosen]
+
+
+def test_recipe_time_estimates_every_stage(capsys):
+    """The recipe-time benchmark prints each stage's step time x steps and a total that adds them up."""
+    from train.experiments import recipe_time
+    assert recipe_time.main(["--recipe", "smoke", "--steps", "3", "threads=1", "precision=auto"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("recipe smoke, precision auto -> ")
+    stages = [line.split() for line in lines[1:-1]]
+    assert [s[0] for s in stages] == [s.name for s in resolve("smoke").stages]
+    assert all(float(s[1]) > 0 and s[3:5] == ["x", "2"] for s in stages)
+    total = float(lines[-1].split()[1])
+    assert total == pytest.approx(sum(float(s[-2]) for s in stages), abs=0.1)
+    with pytest.raises(SystemExit):
+        recipe_time.main(["--recipe", "smoke", "--steps", "2"])

@@ -16,7 +16,7 @@ import yaml
 
 from .stages import PAPER_STAGES, StageArgs
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
@@ -69,7 +69,9 @@ class TrainArgs:
     threads: int | None = None
     cpu: bool = False  # force CPU even where CUDA exists (accelerate's cpu=True)
     # "bf16": losses run under bf16 autocast (weights, optimizer and targets stay float32); on 2 CPU
-    # cores it makes stage 4 1.39x and stage 5 1.26x faster (README), and the LLM stages no faster.
+    # cores with AVX512-BF16 it makes stage 4 1.39x and stage 5 1.26x faster (README), and the LLM stages
+    # no faster. On a CPU without native bf16 (AVX2 only) it makes every step ~10x slower, so "auto" picks
+    # bf16 only where ovis_u1.acceleration.bf16_is_native says the device has it, fp32 elsewhere.
     precision: str = "fp32"
     progress: bool = True
     data: DataArgs = field(default_factory=DataArgs)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ovis_u1.acceleration import bf16_is_native
 from ovis_u1.checkpoint import state_for_saving
 from ovis_u1.config import OvisU1Config
 from ovis_u1.model import OvisU1
@@ -100,6 +101,19 @@ def set_trainable(model: OvisU1, stage: StageArgs, lora_enabled: bool = False) -
     model.train()
     model.vae.eval()  # frozen or not, it has no dropout/batch-norm; eval keeps diffusers quiet
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in: "auto" is bf16 where the device has native bf16 matmuls, else fp32.
+    An explicit bf16 is kept, with a warning where it will be emulated (several times slower)."""
+    native = bf16_is_native(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        warnings.warn(f"precision=bf16 on a {device.type} device without native bf16 matmuls: PyTorch emulates "
+                      "them, so steps run several times slower than fp32 (precision=auto picks for you)",
+                      stacklevel=2)
+    return precision
 
 
 def lr_lambda(step: int, total: int, warmup_frac: float, min_frac: float) -> float:
@@ -247,7 +261,11 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
         state = TrainState()
         generator.manual_seed(args.seed * 1000 + accelerator.process_index)
     model.to(accelerator.device)
+    precision = resolve_precision(args.precision, accelerator.device)
     log = _Logger(out_dir, main, args.progress)
+    if main and precision != args.precision:
+        print(f"precision {args.precision} -> {precision} ({'native' if precision == 'bf16' else 'no native'} "
+              f"bf16 matmuls on this {accelerator.device.type})", flush=True)
 
     while state.stage_index < len(stages):
         stage = stages[state.stage_index]
@@ -259,7 +277,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
             optimizer.load_state_dict(opt_state)
             opt_state = None
         module, optimizer = accelerator.prepare(
-            TrainingModule(model, args.data.cond_dropout, args.precision), optimizer)
+            TrainingModule(model, args.data.cond_dropout, precision), optimizer)
         log.stage(stage, len(trainable), sum(p.numel() for p in params))
         rows = stage.split_batch(stage.batch_size)
         world, rank = accelerator.num_processes, accelerator.process_index

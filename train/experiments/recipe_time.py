@@ -1,0 +1,75 @@
+"""How long would a recipe take on this machine? Times a few steps of every stage and multiplies.
+
+    python -m train.experiments.recipe_time --recipe default
+    python -m train.experiments.recipe_time --recipe default --steps 12 precision=fp32
+
+Each stage trains `--steps` steps on its own tasks, batch and trainable modules, starting from the
+recipe's starting model (weights do not change step times), in the precision the trainer would choose
+here (`precision: auto` resolves as in `train.trainer.resolve_precision`). The median step after two
+warm-up steps, times the stage's step count, is the stage's estimate. Checkpoints, logging and the VAE
+calibration are left out, so a real run takes a little longer. Prints a line per stage and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+from train.config import resolve
+from train.data import TaskData
+from train.trainer import TrainingModule, build_model, resolve_precision, scaled_stages, set_trainable
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.experiments.recipe_time", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="default")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per stage (the first two warm up)")
+    p.add_argument("overrides", nargs="*", help="a.b=c settings, as for python -m train")
+    a = p.parse_args(argv)
+    if a.steps < 3:
+        p.error(f"--steps must be at least 3 (two warm-up steps and one timed), got {a.steps}")
+    args = resolve(a.recipe, a.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = TaskData(args.data)
+    base = build_model(args, data)
+    precision = resolve_precision(args.precision, base.device)
+    print(f"recipe {a.recipe}, precision {args.precision} -> {precision}, {torch.get_num_threads()} threads, "
+          f"{a.steps} steps per stage")
+    total = 0.0
+    for stage in scaled_stages(args):
+        if stage.steps == 0:
+            continue
+        model = copy.deepcopy(base)
+        set_trainable(model, stage, args.lora.enabled)
+        params = [q for q in model.parameters() if q.requires_grad]
+        module = TrainingModule(model, args.data.cond_dropout, precision)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
+                                      weight_decay=args.optim.weight_decay)
+        rows = stage.split_batch(stage.batch_size)
+        times = []
+        for step in range(a.steps):
+            t0 = time.perf_counter()
+            batches = {task: data.batch(task, step * n, n) for task, n in rows.items()}
+            loss, _ = module(batches, stage.tasks, torch.Generator().manual_seed(step))
+            loss.backward()
+            if args.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        per_step = statistics.median(times[2:])
+        minutes = per_step * stage.steps / 60
+        total += minutes
+        print(f"{stage.name:10s} {per_step:6.3f} s/step x {stage.steps:6d} steps = {minutes:6.1f} min", flush=True)
+    print(f"total {total:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
