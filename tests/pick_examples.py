@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make `ovis_u1` importable from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovis_u1 import OvisU1
-from ovis_u1.shapes.evaluate import geneval_correct, one_image, scenes_match
+from ovis_u1.shapes.evaluate import geneval_correct, one_image, scenes_match, unplaced_objects
 from ovis_u1.shapes.reader import read_scene
 from ovis_u1.shapes.world import EDIT_KINDS, GENEVAL_CATEGORIES, VQA_KINDS, ShapesWorld
 
@@ -48,7 +48,7 @@ def pick(model, per_category: int = 6, per_kind: int = 10) -> dict:
         for i in range(per_kind):
             source, instruction, target = world.edit_scenes(i, kind)
             out = one_image(model.edit(source.render(), instruction, seed=EDIT_SEED, progress=False))
-            if scenes_match(read_scene(out).scene, target):
+            if scenes_match(read_scene(out).scene, target, free=unplaced_objects(kind, source, target)):
                 edits.append((kind, i, EDIT_SEED))
                 break
     vqa = []

@@ -34,8 +34,10 @@ from ovis_u1.shapes import (
     read_scene,
     relations,
     scene_for_spec,
+    scenes_match,
     score_geneval,
     spec_satisfied,
+    unplaced_objects,
     vqa_accuracy,
     wilson_interval,
     world_text_corpus,
@@ -313,6 +315,32 @@ def test_vqa_accuracy_and_edit_success():
     assert edit_success([s.render() for s, _, _ in edits], targets)["value"] == 0.0
     upscaled = [t.render().resize((128, 128), Image.NEAREST) for t in targets]  # positions are relative
     assert edit_success(upscaled, targets)["value"] == 1.0
+
+
+
+def test_an_added_object_may_go_anywhere_but_the_rest_must_stay():
+    """"add a green triangle" names no place: the new object counts wherever it lands (the generator's
+    spot is one random choice); every object the edit should keep must still be where it was."""
+    import dataclasses
+
+    from ovis_u1.shapes.world import _fits
+    world = ShapesWorld(seed=3, split="heldout")
+    for i in range(12):
+        source, _, target = world.edit_scenes(i, "add")
+        free = unplaced_objects("add", source, target)
+        assert [target.objects[k] for k in free] == [o for o in target.objects if o not in source.objects]
+        assert len(free) == 1 and all(unplaced_objects(k, source, target) == () for k in EDIT_KINDS if k != "add")
+        new, kept = target.objects[free[0]], [o for o in target.objects if o in source.objects]
+        spots = [dataclasses.replace(new, cx=x, cy=y) for x in range(12, 53, 4) for y in range(12, 53, 4)]
+        elsewhere = next(o for o in spots if _fits(o, kept, 64) and max(abs(o.cx - new.cx), abs(o.cy - new.cy)) > 16)
+        moved_new = read_scene(Scene([*kept, elsewhere], 64).render()).scene
+        assert scenes_match(moved_new, target, free=free) and not scenes_match(moved_new, target)
+        assert edit_success([Scene([*kept, elsewhere], 64).render()], [target], free=[free])["value"] == 1.0
+        # An object the edit should have kept, moved by more than the tolerance, fails either way.
+        shifted = [dataclasses.replace(o, cx=64 - o.cx) if abs(64 - 2 * o.cx) > 16 else o for o in kept]
+        if shifted != kept and all(_fits(o, [p for p in [*shifted, new] if p is not o], 64) for o in shifted):
+            moved_kept = read_scene(Scene([*shifted, new], 64).render()).scene
+            assert not scenes_match(moved_kept, target, free=free)
 
 
 class _FakeModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Collection
 
 import numpy as np
 from PIL import Image
@@ -101,9 +102,10 @@ def vqa_accuracy(preds: list[str], answers: list[str]) -> dict:
     return figure(sum(p.strip().lower() == a.strip().lower() for p, a in zip(preds, answers)), len(answers))
 
 
-def scenes_match(found: Scene, target: Scene, tol: float = EDIT_TOLERANCE) -> bool:
+def scenes_match(found: Scene, target: Scene, tol: float = EDIT_TOLERANCE, free: Collection[int] = ()) -> bool:
     """Same multiset of (shape, colour) and, per kind, a pairing with centres within `tol` x side
-    (positions are compared as fractions of each scene's side, so sizes may differ)."""
+    (positions are compared as fractions of each scene's side, so sizes may differ). Target objects whose
+    indices are in `free` may sit anywhere (see `unplaced_objects`)."""
     def key(o: Obj) -> tuple[str, str]:
         return o.shape, o.color
 
@@ -111,17 +113,31 @@ def scenes_match(found: Scene, target: Scene, tol: float = EDIT_TOLERANCE) -> bo
         return False
     for kind in set(map(key, target.objects)):
         a = [(o.cx / found.size, o.cy / found.size) for o in found.objects if key(o) == kind]
-        b = [(o.cx / target.size, o.cy / target.size) for o in target.objects if key(o) == kind]
-        if not any(all(abs(p[0] - q[0]) <= tol and abs(p[1] - q[1]) <= tol for p, q in zip(perm, b))
+        b = [(o.cx / target.size, o.cy / target.size, i in free) for i, o in enumerate(target.objects)
+             if key(o) == kind]
+        if not any(all(anywhere or (abs(p[0] - x) <= tol and abs(p[1] - y) <= tol)
+                       for p, (x, y, anywhere) in zip(perm, b))
                    for perm in itertools.permutations(a)):
             return False
     return True
 
 
-def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = EDIT_TOLERANCE) -> dict:
+def unplaced_objects(kind: str, source: Scene, target: Scene) -> tuple[int, ...]:
+    """Indices of the target's objects whose place the instruction does not name: the new object of an
+    "add" edit ("add a green triangle" says nothing of where), which the generator put at a random free
+    spot. Every other edit kind fixes every position (a move goes against the named border)."""
+    if kind != "add":
+        return ()
+    return tuple(i for i, o in enumerate(target.objects) if o not in source.objects)
+
+
+def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = EDIT_TOLERANCE,
+                 free: list[Collection[int]] | None = None) -> dict:
+    """Share of edited images whose read scene matches the target; free[i] as in `scenes_match`."""
     if len(edited_images) != len(target_scenes):
         raise ValueError(f"{len(edited_images)} images for {len(target_scenes)} targets")
-    hits = sum(scenes_match(read_scene(im).scene, t, tol) for im, t in zip(edited_images, target_scenes))
+    free = free or [()] * len(target_scenes)
+    hits = sum(scenes_match(read_scene(im).scene, t, tol, f) for im, t, f in zip(edited_images, target_scenes, free))
     return figure(hits, len(target_scenes))
 
 
@@ -187,8 +203,9 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
             source, instruction, target = world.edit_scenes(i, kinds[-1])
             edited.append(one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
                                                 **edit_kwargs)))
-            targets.append(target)
-        report["edit"] = _by_kind(edit_success, edited, targets, kinds, EDIT_KINDS)
+            targets.append((target, unplaced_objects(kinds[-1], source, target)))
+        report["edit"] = _by_kind(lambda ims, tf: edit_success(ims, [t for t, _ in tf], free=[f for _, f in tf]),
+                                  edited, targets, kinds, EDIT_KINDS)
     return report
 
 
