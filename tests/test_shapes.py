@@ -26,6 +26,7 @@ from ovis_u1.shapes import (
     T2ISample,
     VQASample,
     describe,
+    edit_parts,
     edit_success,
     evaluate_model,
     geneval_prompts,
@@ -343,6 +344,22 @@ def test_an_added_object_may_go_anywhere_but_the_rest_must_stay():
             assert not scenes_match(moved_kept, target, free=free)
 
 
+
+def test_edit_parts_split_a_failed_edit_into_kept_and_effect():
+    """The target has both parts; the unchanged source keeps everything and does nothing of the edit;
+    an image with the edit done but a kept object dropped has the effect and not the rest."""
+    world = ShapesWorld(seed=5, split="heldout")
+    for i in range(20):
+        kind = EDIT_KINDS[i % len(EDIT_KINDS)]
+        source, _, target = world.edit_scenes(i, kind)
+        assert edit_parts(read_scene(target.render()).scene, source, target, kind) == (True, True)
+        assert edit_parts(read_scene(source.render()).scene, source, target, kind) == (True, False)
+        kept = [o for o in target.objects if o in source.objects]
+        if kept:
+            dropped = Scene([o for o in target.objects if o is not kept[0]], 64)
+            assert edit_parts(read_scene(dropped.render()).scene, source, target, kind) == (False, True)
+
+
 class _FakeModel:
     """Stands in for OvisU1: blank images, a constant answer, and edits that change nothing."""
 
@@ -367,6 +384,9 @@ def test_evaluate_model_reports_figures():
     assert report["followup"]["overall"]["n"] == 12 and all(1 <= len(h) <= 2 for h in fake.histories)
     edit = report["edit"]["overall"]
     assert (edit["value"], edit["n"]) == (0.0, 12) and edit["ci95"] == pytest.approx([0.0, 0.2425], abs=1e-4)
+    # An edit that returns its input keeps everything and does none of what was asked.
+    assert set(report["edit"]) == {"overall", *EDIT_KINDS, "kept_intact", "effect"}
+    assert report["edit"]["kept_intact"]["value"] == 1.0 and report["edit"]["effect"]["value"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------- JSONL

@@ -25,6 +25,10 @@ class DataArgs:
     image_size: int = 64
     seed: int = 0
     cond_dropout: float = 0.1  # per condition branch (editing drops text, and text + image, each this often)
+    # Editing's x0 loss weighs the decoder tokens whose pixels the edit changes (1 + this) against the
+    # tokens it must copy (1); 0 is the plain mean. Most of a target is copied, so the plain loss spends
+    # little on what the instruction asks (README, "The default model").
+    edit_change_weight: float = 0.0
     lm_corpus_lines: int = 20000
     vqa_history: float = 0.3  # shapes VQA samples (single-image) that continue a conversation of 1-2 turns
 
@@ -174,6 +178,9 @@ def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None
         apply_override(args, item)
     if args.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {args.precision!r}")
+    weight = args.data.edit_change_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"data.edit_change_weight must be a finite number >= 0, got {weight!r}")
     for name, hi in (("cond_dropout", 0.5), ("vqa_history", 1.0)):  # fractions of the samples
         value = getattr(args.data, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:

@@ -26,7 +26,7 @@ from ovis_u1.checkpoint import state_for_saving
 from ovis_u1.config import OvisU1Config
 from ovis_u1.model import OvisU1
 
-from .config import TrainArgs
+from .config import DataArgs, TrainArgs
 from .data import TaskData
 from .lora import apply_lora, lora_parameters, merge_lora
 from .losses import TASK_LOSSES
@@ -47,10 +47,11 @@ class TrainState:
 class TrainingModule(nn.Module):
     """What DDP/FSDP wraps: one forward = the summed losses of a mixed-task batch."""
 
-    def __init__(self, model: OvisU1, cond_dropout: float, precision: str = "fp32"):
+    def __init__(self, model: OvisU1, data: DataArgs, precision: str = "fp32"):
         super().__init__()
         self.model = model
-        self.cond_dropout = cond_dropout
+        self.loss_kwargs = {"t2i": {"cond_dropout": data.cond_dropout},
+                            "edit": {"cond_dropout": data.cond_dropout, "change_weight": data.edit_change_weight}}
         self.bf16 = precision == "bf16"
         if self.bf16 and model.device.type == "cpu":
             # transformers' sdpa path takes PyTorch's CPU flash kernel, whose bf16 backward is ~3x slower
@@ -63,9 +64,8 @@ class TrainingModule(nn.Module):
         parts = {}
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for task, samples in batches.items():
-                fn = TASK_LOSSES[task]
-                kwargs = {"cond_dropout": self.cond_dropout} if task in ("t2i", "edit") else {}
-                parts[task] = fn(self.model, samples, generator, **kwargs).float()
+                parts[task] = TASK_LOSSES[task](self.model, samples, generator,
+                                                **self.loss_kwargs.get(task, {})).float()
         total = sum(weights[t] * parts[t] for t in parts) / sum(weights[t] for t in parts)
         return total, {t: float(v.detach()) for t, v in parts.items()}
 
@@ -277,7 +277,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
             optimizer.load_state_dict(opt_state)
             opt_state = None
         module, optimizer = accelerator.prepare(
-            TrainingModule(model, args.data.cond_dropout, precision), optimizer)
+            TrainingModule(model, args.data, precision), optimizer)
         log.stage(stage, len(trainable), sum(p.numel() for p in params))
         rows = stage.split_batch(stage.batch_size)
         world, rank = accelerator.num_processes, accelerator.process_index

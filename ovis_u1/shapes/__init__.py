@@ -32,7 +32,7 @@ from ovis_u1.shapes.world import (
 __all__ = [
     "COLORS", "EDIT_KINDS", "GENEVAL_CATEGORIES", "SHAPES", "T2I_CATEGORIES", "VQA_KINDS", "EditSample",
     "Obj", "Reading", "Scene", "ShapesWorld", "Spec", "SpecItem", "T2ISample", "VQASample", "describe",
-    "edit_success", "evaluate_model", "geneval_correct", "geneval_prompts", "load_jsonl", "random_scene",
+    "edit_parts", "edit_success", "evaluate_model", "geneval_correct", "geneval_prompts", "load_jsonl", "random_scene",
     "read_scene", "relations", "sample_edit", "sample_spec", "sample_t2i", "sample_vqa", "scene_for_spec",
     "scenes_match", "score_geneval", "spec_satisfied", "unplaced_objects", "vqa_accuracy", "wilson_interval",
     "world_text_corpus", "write_jsonl",
@@ -40,7 +40,7 @@ __all__ = [
 
 # The evaluators load on first use, so `python -m ovis_u1.shapes.evaluate` runs the module once (importing
 # it here would put it in sys.modules before runpy executes it, and runpy warns about that).
-_EVALUATE_NAMES = {"edit_success", "evaluate_model", "geneval_correct", "geneval_prompts", "scenes_match",
+_EVALUATE_NAMES = {"edit_parts", "edit_success", "evaluate_model", "geneval_correct", "geneval_prompts", "scenes_match",
                    "score_geneval", "spec_satisfied", "unplaced_objects", "vqa_accuracy", "wilson_interval"}
 
 

@@ -131,6 +131,24 @@ def unplaced_objects(kind: str, source: Scene, target: Scene) -> tuple[int, ...]
     return tuple(i for i, o in enumerate(target.objects) if o not in source.objects)
 
 
+def edit_parts(found: Scene, source: Scene, target: Scene, kind: str,
+               tol: float = EDIT_TOLERANCE) -> tuple[bool, bool]:
+    """Where an edit went wrong, in two parts: (kept, effect). kept: every object the edit should leave
+    alone is still there (same shape and colour within `tol`); effect: what the edit asks for happened,
+    i.e. each new or changed object is there (an added one anywhere) and each object it replaces, moves or
+    removes is gone from its old place. Extra objects elsewhere count against neither part."""
+    def present(o: Obj, anywhere: bool = False) -> bool:
+        return any(f.shape == o.shape and f.color == o.color and (anywhere or (
+            abs(f.cx / found.size - o.cx / target.size) <= tol and abs(f.cy / found.size - o.cy / target.size) <= tol))
+            for f in found.objects)
+
+    kept = all(present(o) for o in target.objects if o in source.objects)
+    new = [o for o in target.objects if o not in source.objects]
+    gone = [o for o in source.objects if o not in target.objects]
+    effect = all(present(o, anywhere=kind == "add") for o in new) and not any(present(o) for o in gone)
+    return kept, effect
+
+
 def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = EDIT_TOLERANCE,
                  free: list[Collection[int]] | None = None) -> dict:
     """Share of edited images whose read scene matches the target; free[i] as in `scenes_match`."""
@@ -148,13 +166,17 @@ def one_image(out) -> Image.Image:
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def _by_kind(score, xs: list, ys: list, kinds: list[str], order: tuple[str, ...]) -> dict:
-    """{"overall": score(xs, ys)} plus one score per kind, in `order`."""
-    report = {"overall": score(xs, ys)}
+def _by_kind(score, kinds: list[str], order: tuple[str, ...], *columns: list) -> dict:
+    """{"overall": score(*columns)} plus one score per kind, in `order`, on that kind's rows."""
+    report = {"overall": score(*columns)}
     for kind in (k for k in order if k in kinds):
         pick = [i for i, k in enumerate(kinds) if k == kind]
-        report[kind] = score([xs[i] for i in pick], [ys[i] for i in pick])
+        report[kind] = score(*([col[i] for i in pick] for col in columns))
     return report
+
+
+def _share(hits: list[bool]) -> dict:
+    return figure(sum(hits), len(hits))
 
 
 def _vqa_report(model, world: ShapesWorld, n: int, batch_size: int, kinds_order: tuple[str, ...],
@@ -169,13 +191,14 @@ def _vqa_report(model, world: ShapesWorld, n: int, batch_size: int, kinds_order:
         preds += model.answer([s.question for s in samples], images=[s.images for s in samples],
                               history=[s.history for s in samples])
         answers += [s.answer for s in samples]
-    return _by_kind(vqa_accuracy, preds, answers, kinds, kinds_order)
+    return _by_kind(vqa_accuracy, kinds, kinds_order, preds, answers)
 
 
 def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size: int = 8,
                    tasks: tuple[str, ...] = ("geneval", "vqa", "followup", "edit"), **sampling) -> dict:
     """Mini-GenEval on n prompts, then n held-out VQA samples, n follow-up questions and n held-out edits
-    (kinds cycled, so each kind gets its own figure as well as the overall one). A follow-up is a
+    (kinds cycled, so each kind gets its own figure as well as the overall one; edits also report the two
+    parts of `edit_parts`, "kept_intact" and "effect"). A follow-up is a
     single-image question asked after one or two earlier exchanges about the image (with their true
     answers). `sampling` (mode, num_inference_steps, guidance_scale, image_guidance_scale) goes to
     text_to_image and edit."""
@@ -194,18 +217,21 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
         report["followup"] = _vqa_report(model, world, n, batch_size,
                                          tuple(k for k in VQA_KINDS if k != "compare"), history_p=1.0)
     if "edit" in tasks:
-        edited, targets, kinds = [], [], []
+        hits, kept, effect, kinds = [], [], [], []
         edit_kwargs = {k: v for k, v in sampling.items() if k != "guidance_scale"}
         if "edit_guidance_scale" in sampling:
             edit_kwargs["guidance_scale"] = edit_kwargs.pop("edit_guidance_scale")
         for i in range(n):
             kinds.append(EDIT_KINDS[i % len(EDIT_KINDS)])
             source, instruction, target = world.edit_scenes(i, kinds[-1])
-            edited.append(one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
-                                                **edit_kwargs)))
-            targets.append((target, unplaced_objects(kinds[-1], source, target)))
-        report["edit"] = _by_kind(lambda ims, tf: edit_success(ims, [t for t, _ in tf], free=[f for _, f in tf]),
-                                  edited, targets, kinds, EDIT_KINDS)
+            found = read_scene(one_image(model.edit(source.render(), instruction, seed=seed + i, progress=False,
+                                                    **edit_kwargs))).scene
+            hits.append(scenes_match(found, target, free=unplaced_objects(kinds[-1], source, target)))
+            parts = edit_parts(found, source, target, kinds[-1])
+            kept.append(parts[0])
+            effect.append(parts[1])
+        report["edit"] = {**_by_kind(_share, kinds, EDIT_KINDS, hits),
+                          "kept_intact": _share(kept), "effect": _share(effect)}
     return report
 
 

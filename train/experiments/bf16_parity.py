@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         model = copy.deepcopy(base)
         set_trainable(model, stage)
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[precision] = dict(model=model, params=params, module=TrainingModule(model, args.data.cond_dropout,
+        runs[precision] = dict(model=model, params=params, module=TrainingModule(model, args.data,
                                                                                  precision),
                                opt=torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
                                                      weight_decay=args.optim.weight_decay), times=[])

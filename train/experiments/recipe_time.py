@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         model = copy.deepcopy(base)
         set_trainable(model, stage, args.lora.enabled)
         params = [q for q in model.parameters() if q.requires_grad]
-        module = TrainingModule(model, args.data.cond_dropout, precision)
+        module = TrainingModule(model, args.data, precision)
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
                                       weight_decay=args.optim.weight_decay)
         rows = stage.split_batch(stage.batch_size)
