@@ -111,7 +111,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
         warnings.warn(f"precision=bf16 on a {device.type} device without native bf16 matmuls: PyTorch emulates "
-                      "them, so steps run several times slower than fp32 (precision=auto picks for you)",
+                      "them, so steps run several times slower than fp32 (precision=auto would pick fp32 here)",
                       stacklevel=2)
     return precision
 
