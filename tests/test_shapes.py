@@ -358,6 +358,12 @@ def test_edit_parts_split_a_failed_edit_into_kept_and_effect():
         if kept:
             dropped = Scene([o for o in target.objects if o is not kept[0]], 64)
             assert edit_parts(read_scene(dropped.render()).scene, source, target, kind) == (False, True)
+    # Adding a red circle beside a red circle: the old one does not count as the added one.
+    source = Scene([Obj("circle", "red", 16, 16, 14), Obj("square", "blue", 48, 48, 14)], 64)
+    target = Scene([*source.objects, Obj("circle", "red", 48, 16, 14)], 64)
+    assert edit_parts(read_scene(source.render()).scene, source, target, "add") == (True, False)
+    elsewhere = Scene([*source.objects, Obj("circle", "red", 16, 48, 14)], 64)
+    assert edit_parts(read_scene(elsewhere.render()).scene, source, target, "add") == (True, True)
 
 
 class _FakeModel:

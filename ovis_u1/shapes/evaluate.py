@@ -142,11 +142,17 @@ def edit_parts(found: Scene, source: Scene, target: Scene, kind: str,
             abs(f.cx / found.size - o.cx / target.size) <= tol and abs(f.cy / found.size - o.cy / target.size) <= tol))
             for f in found.objects)
 
+    def count(objects: list[Obj], o: Obj) -> int:
+        return sum((f.shape, f.color) == (o.shape, o.color) for f in objects)
+
     kept = all(present(o) for o in target.objects if o in source.objects)
     new = [o for o in target.objects if o not in source.objects]
     gone = [o for o in source.objects if o not in target.objects]
-    effect = all(present(o, anywhere=kind == "add") for o in new) and not any(present(o) for o in gone)
-    return kept, effect
+    if kind == "add":  # anywhere, but as one more object: one of the same kind already there does not count
+        placed = all(count(found.objects, o) >= count(target.objects, o) for o in new)
+    else:
+        placed = all(present(o) for o in new)
+    return kept, placed and not any(present(o) for o in gone)
 
 
 def edit_success(edited_images: list, target_scenes: list[Scene], tol: float = EDIT_TOLERANCE,
