@@ -13,7 +13,8 @@ effect) and mini-GenEval, so a gain in editing is not paid for in text-to-image.
     CKPT=runs/default/final LR=1e-4 EVAL=60 python -m train.experiments.edit_change_weight 500 1.5 4
 
 CKPT (default: the shipped model) is a model directory; LR is the peak learning rate of the
-continuation (warm-up and cosine as the recipe's); EVAL is the number of held-out edits and prompts.
+continuation (warm-up and cosine as the recipe's); EVAL is the number of held-out edits and prompts;
+ROWS="t2i,edit" sets the rows per step (default stage 5's 16,16; "0,32" trains on edits alone).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main(argv: list[str]) -> int:
         opt = torch.optim.AdamW(params, lr=lr, betas=args.optim.betas, weight_decay=args.optim.weight_decay)
         arms[w] = (model, params, module, opt)
     rows = stage.split_batch(stage.batch_size)
+    if "ROWS" in os.environ:
+        rows = {t: int(n) for t, n in zip(("t2i", "edit"), os.environ["ROWS"].split(",")) if int(n) > 0}
     print(f"stage5 continuation, {steps} steps, batch {rows}, peak lr {lr:g}, {precision}; arms W = {list(arms)}")
     for step in range(steps):
         batches = {t: data.batch(t, step * n, n) for t, n in rows.items()}
@@ -64,7 +67,7 @@ def main(argv: list[str]) -> int:
             opt.zero_grad(set_to_none=True)
             losses.append(parts)
         if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:5d} " + "  ".join(f"W={w:g}: t2i {p['t2i']:.4f} edit {p['edit']:.4f}"
+            print(f"step {step:5d} " + "  ".join(f"W={w:g}: " + " ".join(f"{t} {v:.4f}" for t, v in p.items())
                                                 for w, p in zip(arms, losses)), flush=True)
     print(f"held-out, n={n_eval}, seed 0, exact")
     print("W       edit success  kept intact  effect   mini-GenEval   " + "  ".join(
