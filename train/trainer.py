@@ -103,6 +103,19 @@ def set_trainable(model: OvisU1, stage: StageArgs, lora_enabled: bool = False) -
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def plain_step(module: TrainingModule, optimizer, params: list, batches: dict[str, list], weights: dict[str, float],
+               generator: torch.Generator, grad_clip: float) -> dict[str, float]:
+    """One optimizer step outside accelerate (the experiments' side-by-side runs); returns the task losses.
+    The same order as the training loop: losses, backward, clip (when set), step, zero."""
+    loss, parts = module(batches, weights, generator)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision a run trains in: "auto" is bf16 where the device has native bf16 matmuls, else fp32.
     An explicit bf16 is kept, with a warning where it will be emulated (several times slower)."""

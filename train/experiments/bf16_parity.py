@@ -27,7 +27,7 @@ from ovis_u1.shapes.world import ShapesWorld
 from train import losses
 from train.config import resolve
 from train.data import TaskData
-from train.trainer import TrainingModule, load_checkpoint, lr_lambda, set_trainable
+from train.trainer import TrainingModule, load_checkpoint, lr_lambda, plain_step, set_trainable
 
 
 @torch.no_grad()
@@ -88,11 +88,7 @@ def main(argv: list[str]) -> int:
                 g["lr"] = stage.lr * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
             gen = torch.Generator().manual_seed(step)
             t0 = time.perf_counter()
-            loss, _ = r["module"](batches, stage.tasks, gen)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(r["params"], args.optim.grad_clip)
-            r["opt"].step()
-            r["opt"].zero_grad(set_to_none=True)
+            plain_step(r["module"], r["opt"], r["params"], batches, stage.tasks, gen, args.optim.grad_clip)
             r["times"].append(time.perf_counter() - t0)
     med = {p: _median(r) for p, r in runs.items()}
     print("median s/step " + ", ".join(f"{p} {m:.3f}" for p, m in med.items())

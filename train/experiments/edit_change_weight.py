@@ -30,7 +30,7 @@ from ovis_u1.model import OvisU1
 from ovis_u1.shapes.evaluate import evaluate_model
 from train.config import resolve
 from train.data import TaskData
-from train.trainer import TrainingModule, lr_lambda, resolve_precision, set_trainable
+from train.trainer import TrainingModule, lr_lambda, plain_step, resolve_precision, set_trainable
 
 
 def main(argv: list[str]) -> int:
@@ -60,12 +60,8 @@ def main(argv: list[str]) -> int:
         for _, params, module, opt in arms.values():
             for g in opt.param_groups:
                 g["lr"] = lr * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
-            loss, parts = module(batches, stage.tasks, torch.Generator().manual_seed(step))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(parts)
+            losses.append(plain_step(module, opt, params, batches, stage.tasks, torch.Generator().manual_seed(step),
+                                     args.optim.grad_clip))
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step:5d} " + "  ".join(f"W={w:g}: " + " ".join(f"{t} {v:.4f}" for t, v in p.items())
                                                 for w, p in zip(arms, losses)), flush=True)

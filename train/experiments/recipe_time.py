@@ -22,7 +22,7 @@ import torch
 
 from train.config import resolve
 from train.data import TaskData
-from train.trainer import TrainingModule, build_model, resolve_precision, scaled_stages, set_trainable
+from train.trainer import TrainingModule, build_model, plain_step, resolve_precision, scaled_stages, set_trainable
 
 
 def main(argv: list[str]) -> int:
@@ -56,12 +56,8 @@ def main(argv: list[str]) -> int:
         for step in range(a.steps):
             t0 = time.perf_counter()
             batches = {task: data.batch(task, step * n, n) for task, n in rows.items()}
-            loss, _ = module(batches, stage.tasks, torch.Generator().manual_seed(step))
-            loss.backward()
-            if args.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, args.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plain_step(module, optimizer, params, batches, stage.tasks, torch.Generator().manual_seed(step),
+                       args.optim.grad_clip)
             times.append(time.perf_counter() - t0)
         per_step = statistics.median(times[2:])
         minutes = per_step * stage.steps / 60
