@@ -12,6 +12,8 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
     SHAPE_FRAC=0.5  that fraction of each batch is shape questions (the mix has ~1/6; see vqa_gradients)
     SHAPE_FIRST=600 the first 600 steps are shape questions only (a curriculum), then the usual mix
+    BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
+                head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
 
 One thread by default (THREADS), so two variants run side by side on 2 cores.
 """
@@ -39,6 +41,16 @@ def env(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def bypass_softmax(tokenizer: VisualTokenizer) -> None:
+    """Replace the probabilistic tokens by the LayerNorm'd logits / 128 (embedding norms near the text's)."""
+    def forward(patches, grid_thws):
+        features = tokenizer.backbone(patches, grid_thws)
+        g = tokenizer.adapter_cfg.hidden_stride ** 2
+        logits = tokenizer.head(features.reshape(-1, g * features.shape[-1]))
+        return torch.nn.functional.pad(logits / 128, (0, tokenizer.adapter_cfg.num_indicators))
+    tokenizer.forward = forward
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     variant, steps = sys.argv[1], int(sys.argv[2])
@@ -58,6 +70,8 @@ def main() -> None:
             model.vte = torch.nn.Embedding(vocab, model.config.llm.hidden_size)
     with torch.no_grad():
         model.visual_tokenizer.head[1].weight.mul_(env("GAIN", 1.0))
+    if int(env("BYPASS", 0)):
+        bypass_softmax(model.visual_tokenizer)
     if int(env("WARM", 0)):
         model.requires_grad_(False)
         model.llm.requires_grad_(True)
