@@ -14,7 +14,11 @@ effect) and mini-GenEval, so a gain in editing is not paid for in text-to-image.
 
 CKPT (default: the shipped model) is a model directory; LR is the peak learning rate of the
 continuation (warm-up and cosine as the recipe's); EVAL is the number of held-out edits and prompts;
-ROWS="t2i,edit" sets the rows per step (default stage 5's 16,16; "0,32" trains on edits alone).
+ROWS="t2i,edit" sets the rows per step (default stage 5's 16,16; "0,32" trains on edits alone);
+DEVICE=cuda trains there. A step count of 0 runs as many steps as fit in BUDGET_S seconds (timed first
+on throwaway copies, since the schedule needs the count up front):
+
+    DEVICE=cuda ROWS=64,64 BUDGET_S=120 python -m train.experiments.edit_change_weight 0
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ovis_u1.model import OvisU1
 from ovis_u1.shapes.evaluate import evaluate_model
 from train.config import resolve
 from train.data import TaskData
+from train.experiments import steps_for_budget
 from train.trainer import TrainingModule, lr_lambda, plain_step, resolve_precision, set_trainable
 
 
@@ -40,19 +45,35 @@ def main(argv: list[str]) -> int:
     args = resolve("default")
     stage = next(s for s in args.stages if s.name == "stage5")
     data = TaskData(args.data)
-    base = OvisU1.from_pretrained(os.environ.get("CKPT"))
+    base = OvisU1.from_pretrained(os.environ.get("CKPT"), device=os.environ.get("DEVICE", "cpu"))
     precision = resolve_precision(args.precision, base.device)
-    arms = {}
-    for w in dict.fromkeys([0.0, *weights]):  # the plain loss first, as the control
+
+    def arm(w: float):  # (model, params, module, optimizer) continuing stage 5 with edit_change_weight w
         model = copy.deepcopy(base)
         set_trainable(model, stage)
         params = [p for p in model.parameters() if p.requires_grad]
         module = TrainingModule(model, dataclasses.replace(args.data, edit_change_weight=w), precision)
         opt = torch.optim.AdamW(params, lr=lr, betas=args.optim.betas, weight_decay=args.optim.weight_decay)
-        arms[w] = (model, params, module, opt)
+        return model, params, module, opt
+
+    arm_weights = list(dict.fromkeys([0.0, *weights]))  # the plain loss first, as the control
     rows = stage.split_batch(stage.batch_size)
     if "ROWS" in os.environ:
         rows = {t: int(n) for t, n in zip(("t2i", "edit"), os.environ["ROWS"].split(",")) if int(n) > 0}
+    if steps == 0:  # as many steps as fit in BUDGET_S seconds, timed on a throwaway copy of the arms
+        probes = [arm(w) for w in arm_weights]
+
+        def probe_step(i):
+            batches = {t: data.batch(t, i * n, n) for t, n in rows.items()}
+            for _, params, module, opt in probes:
+                plain_step(module, opt, params, batches, stage.tasks, torch.Generator().manual_seed(i),
+                           args.optim.grad_clip)
+        budget = float(os.environ.get("BUDGET_S", 60))
+        steps, per_step = steps_for_budget(probe_step, budget, sync=torch.cuda.synchronize
+                                           if base.device.type == "cuda" else lambda: None)
+        del probes
+        print(f"{per_step:.4f} s/step for all arms: {steps} steps fit in {budget:g} s")
+    arms = {w: arm(w) for w in arm_weights}
     print(f"stage5 continuation, {steps} steps, batch {rows}, peak lr {lr:g}, {precision}; arms W = {list(arms)}")
     for step in range(steps):
         batches = {t: data.batch(t, step * n, n) for t, n in rows.items()}
@@ -73,7 +94,8 @@ def main(argv: list[str]) -> int:
         e = report["edit"]
         print(f"{w:<7g} {e['overall']['value']:.3f}         {e['kept_intact']['value']:.3f}        "
               f"{e['effect']['value']:.3f}    {report['geneval']['overall']['value']:.3f}          "
-              + "    ".join(f"{e[k]['value']:.2f}" for k in ("recolor", "remove", "add", "replace", "move")),
+              + "    ".join(f"{e[k]['value']:.2f}" if k in e else " -- "
+                           for k in ("recolor", "remove", "add", "replace", "move")),
               flush=True)
     return 0
 

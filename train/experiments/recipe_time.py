@@ -2,6 +2,7 @@
 
     python -m train.experiments.recipe_time --recipe default
     python -m train.experiments.recipe_time --recipe default --steps 12 precision=fp32
+    python -m train.experiments.recipe_time --recipe default --device cuda
 
 Each stage trains `--steps` steps on its own tasks, batch and trainable modules, starting from the
 recipe's starting model (weights do not change step times), in the precision the trainer would choose
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m train.experiments.recipe_time", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="default")
     p.add_argument("--steps", type=int, default=8, help="timed steps per stage (the first two warm up)")
+    p.add_argument("--device", default="cpu", help="where to time the steps (cuda: synchronised around each)")
     p.add_argument("overrides", nargs="*", help="a.b=c settings, as for python -m train")
     a = p.parse_args(argv)
     if a.steps < 3:
@@ -37,10 +39,11 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = TaskData(args.data)
-    base = build_model(args, data)
+    base = build_model(args, data).to(a.device)
+    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
     precision = resolve_precision(args.precision, base.device)
     print(f"recipe {a.recipe}, precision {args.precision} -> {precision}, {torch.get_num_threads()} threads, "
-          f"{a.steps} steps per stage")
+          f"{a.steps} steps per stage, device {base.device}")
     total = 0.0
     for stage in scaled_stages(args):
         if stage.steps == 0:
@@ -54,10 +57,12 @@ def main(argv: list[str]) -> int:
         rows = stage.split_batch(stage.batch_size)
         times = []
         for step in range(a.steps):
+            sync()
             t0 = time.perf_counter()
             batches = {task: data.batch(task, step * n, n) for task, n in rows.items()}
             plain_step(module, optimizer, params, batches, stage.tasks, torch.Generator().manual_seed(step),
                        args.optim.grad_clip)
+            sync()
             times.append(time.perf_counter() - t0)
         per_step = statistics.median(times[2:])
         minutes = per_step * stage.steps / 60

@@ -15,11 +15,17 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
                 head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
 
-One thread by default (THREADS), so two variants run side by side on 2 cores.
+One thread by default (THREADS), so two variants run side by side on 2 cores. CKPT=default starts from
+the shipped model instead; DEVICE=cuda trains there; BATCH sets the questions per step (default 32);
+EVAL the held-out questions scored (default 120). A step count of 0 runs as many steps as fit in
+BUDGET_S seconds (timed on a throwaway copy first, since the schedule needs the count up front):
+
+    CKPT=default DEVICE=cuda BATCH=128 BUDGET_S=120 python -m train.experiments.vqa_stage3 long 0
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -28,11 +34,13 @@ from pathlib import Path
 
 import torch
 
+from ovis_u1.model import OvisU1
 from ovis_u1.shapes.evaluate import evaluate_model
 from ovis_u1.vision import VisualTokenizer
 from train import losses
 from train.config import DataArgs, resolve
 from train.data import TaskData
+from train.experiments import steps_for_budget
 from train.experiments.vqa_text_oracle import CKPT, train_llm_on_text
 from train.trainer import load_checkpoint, lr_lambda, set_trainable
 
@@ -54,10 +62,14 @@ def bypass_softmax(tokenizer: VisualTokenizer) -> None:
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     variant, steps = sys.argv[1], int(sys.argv[2])
-    lr, vis_mult, batch_size = env("LR", 5e-4), env("VISLR", 1.0), 32
+    lr, vis_mult, batch_size = env("LR", 5e-4), env("VISLR", 1.0), int(env("BATCH", 32))
+    device = torch.device(os.environ.get("DEVICE", "cpu"))
     torch.manual_seed(0)
     args = resolve("default", [])
-    model, *_ = load_checkpoint(Path(CKPT), args)
+    if CKPT == "default":  # the shipped model: no optimizer state, only the weights
+        model = OvisU1.from_pretrained()
+    else:
+        model, *_ = load_checkpoint(Path(CKPT), args)
     adapter = model.config.adapter
     stride, vocab = int(env("STRIDE", adapter.hidden_stride)), int(env("VOCAB", adapter.vocab_size))
     if (stride, vocab) != (model.config.adapter.hidden_stride, model.config.adapter.vocab_size):
@@ -79,30 +91,47 @@ def main() -> None:
     set_trainable(model, next(s for s in args.stages if s.name == "stage3"))
     if int(env("FREEZE_LLM", 0)):
         model.llm.requires_grad_(False)  # only the visual side learns to speak to the LLM
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    visual = [p for n, p in named if n.startswith(("visual_tokenizer", "vte"))]
-    rest = [p for n, p in named if not n.startswith(("visual_tokenizer", "vte"))]
-    opt = torch.optim.AdamW([{"params": visual, "mult": vis_mult}, {"params": rest, "mult": 1.0}], lr=lr,
-                            betas=args.optim.betas, weight_decay=args.optim.weight_decay)
-    data, t0, ema = TaskData(DataArgs(image_size=64)), time.time(), None
-    for step in range(steps):
+    model.to(device)
+    data = TaskData(DataArgs(image_size=64))
+
+    def optimizer(m):
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        visual = [p for n, p in named if n.startswith(("visual_tokenizer", "vte"))]
+        rest = [p for n, p in named if not n.startswith(("visual_tokenizer", "vte"))]
+        return torch.optim.AdamW([{"params": visual, "mult": vis_mult}, {"params": rest, "mult": 1.0}], lr=lr,
+                                 betas=args.optim.betas, weight_decay=args.optim.weight_decay)
+
+    def train_step(m, opt, step, steps) -> float:
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
         batch = data.batch("vqa", step * batch_size, batch_size)
         n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
         if n_shape:  # shape questions from their own index range, in place of the first rows
             batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
-        loss = losses.vqa_loss(model, batch)
+        loss = losses.vqa_loss(m, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual + rest, args.optim.grad_clip or 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                       args.optim.grad_clip or 1.0)
         opt.step()
         opt.zero_grad()
-        ema = loss.item() if ema is None else 0.97 * ema + 0.03 * loss.item()
+        return loss.item()
+
+    if steps == 0:  # as many steps as fit in BUDGET_S seconds, timed on a throwaway copy
+        probe = copy.deepcopy(model)
+        probe_opt = optimizer(probe)
+        steps, per_step = steps_for_budget(lambda i: train_step(probe, probe_opt, i, 1000), env("BUDGET_S", 60),
+                                           sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+        del probe, probe_opt
+        print(f"{variant}: {per_step:.4f} s/step, {steps} steps fit in {env('BUDGET_S', 60):g} s", flush=True)
+    opt, t0, ema = optimizer(model), time.time(), None
+    for step in range(steps):
+        loss = train_step(model, opt, step, steps)
+        ema = loss if ema is None else 0.97 * ema + 0.03 * loss
         if (step + 1) % 100 == 0:
             print(variant, step + 1, round(ema, 4), f"{time.time() - t0:.0f}s", flush=True)
     model.eval()
-    report = evaluate_model(model, n=120, tasks=("vqa",))["vqa"]
-    print(json.dumps({"variant": variant, "steps": steps, "loss": ema,
+    report = evaluate_model(model, n=int(env("EVAL", 120)), tasks=("vqa",))["vqa"]
+    print(json.dumps({"variant": variant, "steps": steps, "batch": batch_size, "loss": ema,
                       "vqa": report["overall"]["value"],
                       "kinds": {k: round(v["value"], 2) for k, v in report.items() if k != "overall"}}), flush=True)
 
