@@ -389,3 +389,21 @@ def test_edit_change_weight_reaches_the_edit_loss(tmp_path):
         logs[weight] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert logs[0]["loss_t2i"] == logs[4]["loss_t2i"]
     assert logs[0]["loss_edit"] != logs[4]["loss_edit"]
+
+
+def test_steps_for_budget(monkeypatch):
+    """The step count that fits a budget comes from the median of the timed probe calls after warm-up."""
+    import train.experiments as experiments
+    clock = [0.0]
+    durations = iter([5.0, 5.0, 0.2, 0.3, 0.2, 0.9, 0.2])  # two slow warm-ups, then a median of 0.2 s
+    monkeypatch.setattr(experiments.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def probe(i):
+        calls.append(i)
+        clock[0] += next(durations)
+
+    steps, per_step = experiments.steps_for_budget(probe, 60.0, probe=7)
+    assert calls == list(range(7)) and per_step == pytest.approx(0.2) and steps == 300
+    with pytest.raises(ValueError, match="probe must be at least 3"):
+        experiments.steps_for_budget(probe, 60.0, probe=2)
