@@ -3,8 +3,8 @@
 Three sampling modes share one code path:
 - "exact" (default): the published recipe with no wasted work: the LLM condition and the refiner run
   once per request (the refiner has no timestep input), the unconditional condition is computed once and
-  shared by every prompt, all guidance branches of a step go through the decoder in one batched forward
-  (editing: two, so the branch without the reference does not carry it masked; `reference_groups`).
+  shared by every prompt, every prompt of a call shares each decoder forward, and guidance branches share
+  one where that needs no attention mask (`branch_groups`: same text lengths, same view of the reference).
 - "plain": what the published code does (each branch its own forward, one sample at a time, the refiner
   re-run at every step); kept as the reference that exact mode is tested and benchmarked against.
 - "fast": exact plus first-block caching, guidance only inside a middle interval of t and fewer steps.
@@ -37,7 +37,7 @@ from .processing import (
     t2i_prompts,
     understanding_prompt,
 )
-from .sampling import DecoderInputs, denoise, edit_guidance, get_schedule, reference_groups, t2i_guidance
+from .sampling import DecoderInputs, branch_groups, denoise, edit_guidance, get_schedule, t2i_guidance
 
 MODES = ("exact", "fast", "plain")
 MAX_STEPS = 1000
@@ -191,7 +191,7 @@ def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callb
         x = denoise(model.decoder, x, img_ids, inputs, timesteps, req.combine,
                     guidance_interval=g.fast_guidance_interval if fast else None,
                     cache=FirstBlockCache(g.fast_cache_threshold) if fast else None, callback=cb,
-                    branch_groups=reference_groups(inputs))
+                    branch_groups=branch_groups(inputs))
     if bar is not None:
         bar.close()
     return x

@@ -95,6 +95,19 @@ def test_pil_output(tiny_model):
 
 
 # ---- fast mode ----------------------------------------------------------------------------------------
+def test_one_prompt_forwards_need_no_attention_mask(tiny_model, photo, count_calls):
+    """Branches of different text lengths or reference views get their own forward (`branch_groups`):
+    any mask keeps CUDA attention off its flash kernel. Two prompts still share each forward."""
+    calls = count_calls(tiny_model.decoder)
+    tiny_model.text_to_image("a red circle", mode="exact", **FAST)
+    tiny_model.edit(photo, "make it red", mode="exact", **EDIT)
+    assert calls and all(kw.get("txt_mask") is None and kw.get("ref_mask") is None for _, kw in calls)
+    assert sorted({r for r, _ in calls}) == [1]  # one row per forward: cond, uncond (and no-reference)
+    calls.clear()
+    tiny_model.text_to_image(["a red circle", "a blue square"], mode="exact", **FAST)
+    assert {r for r, _ in calls} == {2}
+
+
 def test_fast_mode_fewer_decoder_evaluations(tiny_model, count_calls):
     calls = count_calls(tiny_model.decoder)
     kw = {k: v for k, v in FAST.items() if k != "num_inference_steps"}
