@@ -12,6 +12,8 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
     SHAPE_FRAC=0.5  that fraction of each batch is shape questions (the mix has ~1/6; see vqa_gradients)
     SHAPE_FIRST=600 the first 600 steps are shape questions only (a curriculum), then the usual mix
+    DESCRIBE_FIRST=600 the same with descriptions ("a red circle and a blue square"), which name every
+                object's colour and shape at once
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
                 head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
 
@@ -105,6 +107,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
         batch = data.batch("vqa", step * batch_size, batch_size)
+        if step < env("DESCRIBE_FIRST", 0):  # descriptions from their own index range, the whole batch
+            batch = [data.world.vqa(2 * 10**7 + step * batch_size + k, kind="describe") for k in range(batch_size)]
         n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
         if n_shape:  # shape questions from their own index range, in place of the first rows
             batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
