@@ -119,9 +119,10 @@ def branch_groups(inputs: DecoderInputs) -> list[tuple[int, int]]:
                    else tuple(inputs.txt_mask[rows].sum(dim=1).tolist()))
         return sees, lengths
 
+    keys = [key(k) for k in range(inputs.n_branches)]
     groups: list[tuple[int, int]] = []
     for k in range(inputs.n_branches):
-        if groups and key(k) == key(groups[-1][0]):
+        if groups and keys[k] == keys[groups[-1][0]]:
             groups[-1] = (groups[-1][0], k + 1)
         else:
             groups.append((k, k + 1))

@@ -34,7 +34,7 @@ from ovis_u1.model import OvisU1
 from ovis_u1.shapes.evaluate import evaluate_model
 from train.config import resolve
 from train.data import TaskData
-from train.experiments import steps_for_budget
+from train.experiments import device_sync, steps_for_budget
 from train.trainer import TrainingModule, lr_lambda, plain_step, resolve_precision, set_trainable
 
 
@@ -69,8 +69,7 @@ def main(argv: list[str]) -> int:
                 plain_step(module, opt, params, batches, stage.tasks, torch.Generator().manual_seed(i),
                            args.optim.grad_clip)
         budget = float(os.environ.get("BUDGET_S", 60))
-        steps, per_step = steps_for_budget(probe_step, budget, sync=torch.cuda.synchronize
-                                           if base.device.type == "cuda" else lambda: None)
+        steps, per_step = steps_for_budget(probe_step, budget, sync=device_sync(base.device))
         del probes
         print(f"{per_step:.4f} s/step for all arms: {steps} steps fit in {budget:g} s")
     arms = {w: arm(w) for w in arm_weights}

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 
 from train.config import resolve
 from train.data import TaskData
+from train.experiments import device_sync, median_step_time
 from train.trainer import TrainingModule, build_model, plain_step, resolve_precision, scaled_stages, set_trainable
+
+
+def stage_step(module, optimizer, params, data, rows, tasks, grad_clip, i: int) -> None:
+    """The i-th training step of a stage: a fresh mixed batch of `rows` per task, then one optimizer step."""
+    batches = {task: data.batch(task, i * n, n) for task, n in rows.items()}
+    plain_step(module, optimizer, params, batches, tasks, torch.Generator().manual_seed(i), grad_clip)
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +46,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     data = TaskData(args.data)
     base = build_model(args, data).to(a.device)
-    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)
+    sync = device_sync(base.device)
     precision = resolve_precision(args.precision, base.device)
     print(f"recipe {a.recipe}, precision {args.precision} -> {precision}, {torch.get_num_threads()} threads, "
           f"{a.steps} steps per stage, device {base.device}")
@@ -55,16 +61,8 @@ def main(argv: list[str]) -> int:
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=args.optim.betas,
                                       weight_decay=args.optim.weight_decay)
         rows = stage.split_batch(stage.batch_size)
-        times = []
-        for step in range(a.steps):
-            sync()
-            t0 = time.perf_counter()
-            batches = {task: data.batch(task, step * n, n) for task, n in rows.items()}
-            plain_step(module, optimizer, params, batches, stage.tasks, torch.Generator().manual_seed(step),
-                       args.optim.grad_clip)
-            sync()
-            times.append(time.perf_counter() - t0)
-        per_step = statistics.median(times[2:])
+        per_step = median_step_time(partial(stage_step, module, optimizer, params, data, rows, stage.tasks,
+                                            args.optim.grad_clip), a.steps, sync)
         minutes = per_step * stage.steps / 60
         total += minutes
         print(f"{stage.name:10s} {per_step:6.3f} s/step x {stage.steps:6d} steps = {minutes:6.1f} min", flush=True)

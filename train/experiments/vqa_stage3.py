@@ -42,7 +42,7 @@ from ovis_u1.vision import VisualTokenizer
 from train import losses
 from train.config import DataArgs, resolve
 from train.data import TaskData
-from train.experiments import steps_for_budget
+from train.experiments import device_sync, steps_for_budget
 from train.experiments.vqa_text_oracle import CKPT, train_llm_on_text
 from train.trainer import load_checkpoint, lr_lambda, set_trainable
 
@@ -106,9 +106,10 @@ def main() -> None:
     def train_step(m, opt, step, steps) -> float:
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
-        batch = data.batch("vqa", step * batch_size, batch_size)
         if step < env("DESCRIBE_FIRST", 0):  # descriptions from their own index range, the whole batch
             batch = [data.world.vqa(2 * 10**7 + step * batch_size + k, kind="describe") for k in range(batch_size)]
+        else:
+            batch = data.batch("vqa", step * batch_size, batch_size)
         n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
         if n_shape:  # shape questions from their own index range, in place of the first rows
             batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
@@ -124,7 +125,7 @@ def main() -> None:
         probe = copy.deepcopy(model)
         probe_opt = optimizer(probe)
         steps, per_step = steps_for_budget(lambda i: train_step(probe, probe_opt, i, 1000), env("BUDGET_S", 60),
-                                           sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+                                           sync=device_sync(device))
         del probe, probe_opt
         print(f"{variant}: {per_step:.4f} s/step, {steps} steps fit in {env('BUDGET_S', 60):g} s", flush=True)
     opt, t0, ema = optimizer(model), time.time(), None
