@@ -459,3 +459,22 @@ def test_jsonl_skips_bad_records_with_one_warning(tmp_path):
                        "unknown_type": 1}
     assert [type(s) for s in samples] == [T2ISample, VQASample, VQASample]
     assert (samples[2].question, samples[2].answer, samples[2].history) == ("Q?", "A", [])
+
+
+def test_cell_objects_name_the_object_covering_most_of_each_cell():
+    from ovis_u1.shapes.world import Obj, Scene, cell_objects
+    square = Obj("square", "red", 16, 16, 20)  # pixels 6..25: the four top-left 16 px cells
+    circle = Obj("circle", "blue", 48, 47, 14)  # pixels 41..54: cells (2, 2), (2, 3), (3, 2), (3, 3)
+    cells = cell_objects(Scene([square, circle]), 4, 4)
+    assert [k for k, o in enumerate(cells) if o == square] == [0, 1, 4, 5]
+    assert [k for k, o in enumerate(cells) if o == circle] == [10, 11, 14, 15]
+    assert all(o is None for k, o in enumerate(cells) if k not in (0, 1, 4, 5, 10, 11, 14, 15))
+    assert cell_objects(Scene([]), 2, 3) == [None] * 6
+    # a cell split between two objects names the one with more pixels in it
+    left, right = Obj("square", "red", 10, 8, 16), Obj("square", "green", 28, 8, 14)  # right: 21..34
+    assert cell_objects(Scene([left, right], 32), 1, 1) == [left]
+    assert cell_objects(Scene([left, right], 32), 2, 2)[:2] == [left, right]
+    world = ShapesWorld(seed=3)
+    sample = world.cells(5)
+    assert np.array_equal(np.asarray(sample.image), np.asarray(sample.scene.render()))
+    assert sample.scene == world.cells(5).scene and sample.scene != world.cells(6).scene

@@ -170,7 +170,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
     from train.lora import apply_lora, lora_parameters
     from train.trainer import build_model
     model = build_model(args, TaskData(args.data))
-    names = set_trainable(model, args.stages[2], lora_enabled=True)
+    names = set_trainable(model, next(s for s in args.stages if s.name == "stage0"), lora_enabled=True)
     assert names and all("lora_" in n for n in names)
     assert {n.split(".")[0] for n in names} == {"decoder", "refiner"}
     export = train(args)
@@ -407,3 +407,33 @@ def test_steps_for_budget(monkeypatch):
     assert calls == list(range(7)) and per_step == pytest.approx(0.2) and steps == 300
     with pytest.raises(ValueError, match="probe must be at least 3"):
         experiments.steps_for_budget(probe, 60.0, probe=2)
+
+
+def test_cells_task_names_each_cells_object_and_needs_the_shapes_world(make_tiny, tmp_path):
+    from ovis_u1.shapes.world import COLOR_NAMES, SHAPES, Obj, Scene
+    from train.data import TaskData
+    from train.losses import CELL_BACKGROUND_WORD, cell_targets, cells_loss
+    target = cell_targets(Scene([Obj("triangle", "purple", 16, 16, 20)]), 4, 4, 40)
+    assert target.shape == (16, 40) and torch.allclose(target.sum(-1), torch.ones(16))
+    named = {COLOR_NAMES.index("purple"), len(COLOR_NAMES) + SHAPES.index("triangle")}
+    for k in range(16):
+        words = set(target[k].nonzero()[:, 0].tolist())
+        assert words == (named if k in (0, 1, 4, 5) else {CELL_BACKGROUND_WORD})
+    data = TaskData(resolve("smoke").data)
+    model = make_tiny(0)
+    model.requires_grad_(False)
+    model.visual_tokenizer.requires_grad_(True)
+    opt = torch.optim.Adam(model.visual_tokenizer.parameters(), lr=3e-3)
+    batch = data.batch("cells", 0, 4)
+    first = cells_loss(model, batch)
+    for _ in range(15):  # the visual tokenizer alone can learn the words
+        loss = cells_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert cells_loss(model, batch).item() < 0.5 * first.item()
+    from ovis_u1.shapes import ShapesWorld, write_jsonl
+    path = write_jsonl([ShapesWorld().t2i(0)], tmp_path / "data")
+    own = TaskData(resolve("smoke", [f"data.source={path}"]).data)
+    with pytest.raises(ValueError, match="cells task needs shapes-world scenes"):
+        own.sample("cells", 0)

@@ -60,6 +60,11 @@ class TaskData:
         if task == "vae":  # any image of the world: targets and edit sources alike
             s = self.sample("t2i" if i % 2 == 0 else "edit", i // 2)
             return s.image if isinstance(s, T2ISample) else s.source
+        if task == "cells":  # needs each image's scene, which only the generator knows
+            if self.own is not None:
+                raise ValueError(f"the cells task needs shapes-world scenes, but data.source is {self.args.source}; "
+                                 "drop it from the stage's tasks (or train on data.source=shapes)")
+            return self.world.cells(i)
         if self.own is not None:
             return self._own(task, i)
         if task == "vqa":

@@ -3,7 +3,8 @@
 - understanding: next-token cross-entropy on the answer tokens (processing.understanding_example masks
   the role header, the empty think block and the newline after <|im_end|>);
 - text-to-image and editing: rectified-flow velocity MSE, with condition dropout so guidance works;
-- the two preparation tasks: VAE reconstruction and language-model pretraining on world text.
+- the preparation tasks: VAE reconstruction, language-model pretraining on world text, and naming each
+  image cell's object with the visual tokenizer (`cells`, shapes world only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from ovis_u1.processing import (
     truncate_example,
     understanding_example,
 )
+from ovis_u1.shapes.world import COLOR_NAMES, SHAPES, cell_objects
+
+CELL_BACKGROUND_WORD = len(COLOR_NAMES) + len(SHAPES)  # the visual word of an empty cell (cells task)
 
 
 def images_to_tensor(images: list[Image.Image], device) -> Tensor:
@@ -184,4 +188,43 @@ def vae_loss(model, images: list[Image.Image], generator: torch.Generator | None
     return F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
 
 
-TASK_LOSSES = {"t2i": t2i_loss, "edit": edit_loss, "vqa": vqa_loss, "lm": lm_loss, "vae": vae_loss}
+def cell_targets(scene, rows: int, cols: int, words: int) -> Tensor:
+    """[rows * cols, words] target distributions over the visual words: half on the colour word and half
+    on the shape word of the object covering most of each cell (words 0-5 the colours in COLOR_NAMES
+    order, 6-8 the shapes in SHAPES order), all on word 9 for an empty cell."""
+    target = torch.zeros(rows * cols, words)
+    for k, obj in enumerate(cell_objects(scene, rows, cols)):
+        if obj is None:
+            target[k, CELL_BACKGROUND_WORD] = 1.0
+        else:
+            target[k, COLOR_NAMES.index(obj.color)] = target[k, len(COLOR_NAMES) + SHAPES.index(obj.shape)] = 0.5
+    return target
+
+
+def cells_loss(model, samples, generator: torch.Generator | None = None) -> Tensor:
+    """The visual tokenizer names each cell's object: cross-entropy of its softmax over visual words against
+    `cell_targets` (the preparation step standing in for the paper's pretrained ViT, and an auxiliary
+    task that keeps those words while later stages train the ViT on other losses)."""
+    cfg = model.config
+    stride = cfg.adapter.hidden_stride
+    words = cfg.adapter.vocab_size - cfg.adapter.num_indicators
+    if words <= CELL_BACKGROUND_WORD:
+        raise ValueError(f"the cells task needs at least {CELL_BACKGROUND_WORD + 1} visual words, the model "
+                         f"has {words}")
+    logits, grids = visual_word_logits(model, [s.image for s in samples])
+    targets = [cell_targets(s.scene, grid[1] // stride, grid[2] // stride, words) for s, grid in zip(samples, grids)]
+    return -(torch.cat(targets).to(logits.device) * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def visual_word_logits(model, images: list[Image.Image]) -> tuple[Tensor, list[tuple[int, int, int]]]:
+    """The adapter's logits over the visual words [tokens of all images, words] (before its softmax), in
+    token order, and each image's patch grid."""
+    cfg, tokenizer = model.config, model.visual_tokenizer
+    cut = [image_patches(im, cfg) for im in images]
+    grids = [grid for _, grid in cut]
+    features = tokenizer.backbone(torch.cat([p for p, _ in cut]).to(model.device, model.dtype), grids)
+    return tokenizer.head(features.reshape(-1, cfg.adapter.hidden_stride ** 2 * features.shape[-1])), grids
+
+
+TASK_LOSSES = {"t2i": t2i_loss, "edit": edit_loss, "vqa": vqa_loss, "lm": lm_loss, "vae": vae_loss,
+               "cells": cells_loss}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 COMPONENTS = ("vision", "adapter", "vte", "llm", "refiner", "decoder", "vae")
-TASKS = ("t2i", "edit", "vqa", "lm", "vae")
+TASKS = ("t2i", "edit", "vqa", "lm", "vae", "cells")
 
 
 @dataclass

@@ -98,6 +98,21 @@ class Scene:
         return Image.fromarray(canvas)
 
 
+def cell_objects(scene: Scene, rows: int, cols: int) -> list[Obj | None]:
+    """For each cell of a rows x cols grid over the canvas (raster order), the object covering most of its
+    pixels, or None where the cell is empty: what a visual token of that cell should name."""
+    masks = [o.mask(scene.size) for o in scene.objects]
+    ys = [round(r * scene.size / rows) for r in range(rows + 1)]
+    xs = [round(c * scene.size / cols) for c in range(cols + 1)]
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            cover = [int(m[ys[r]:ys[r + 1], xs[c]:xs[c + 1]].sum()) for m in masks]
+            best = max(range(len(cover)), key=cover.__getitem__, default=None)
+            out.append(None if best is None or cover[best] == 0 else scene.objects[best])
+    return out
+
+
 def relations(a: Obj, b: Obj) -> set[str]:
     """GenEval's relative position of a to b: {"left of", "above", ...}, possibly two or none."""
     offset = np.array([a.cx - b.cx, a.cy - b.cy], float)
@@ -539,8 +554,15 @@ class EditSample:
     target: Image.Image
 
 
+@dataclass
+class CellSample:
+    """An image and its scene, for learning to name the object in each cell (`cell_objects`)."""
+    image: Image.Image
+    scene: Scene
+
+
 _SPLITS = {"train": 0, "heldout": 1}
-_TASKS = {"t2i": 0, "vqa": 1, "edit": 2, "mixed": 3}
+_TASKS = {"t2i": 0, "vqa": 1, "edit": 2, "mixed": 3, "cells": 4}
 
 
 class ShapesWorld:
@@ -590,6 +612,10 @@ class ShapesWorld:
     def edit(self, i: int, kind: str | None = None) -> EditSample:
         source, instruction, target = self.edit_scenes(i, kind)
         return EditSample(source.render(), instruction, target.render())
+
+    def cells(self, i: int) -> CellSample:
+        scene = random_scene(self.rng("cells", i), self.size)
+        return CellSample(scene.render(), scene)
 
     def mixed(self, i: int, weights: dict[str, float] | None = None) -> T2ISample | VQASample | EditSample:
         """Sample i of a task mixture (default: equal weights over t2i, vqa, edit)."""
