@@ -1,8 +1,10 @@
 """Stage-3 (understanding) variants from the stage-2 boundary checkpoint, scored on held-out VQA (n=120).
 
 The README's "default model" section quotes these runs. The checkpoint is the one a recipe run leaves at
-the end of stage 2 (global step 4,100 of `python -m train --recipe default`; copy it away before the
-trainer's keep=2 rotation removes it). Variants, by environment variable:
+the end of stage 2 (global step 4,100 of `python -m train --recipe default` before the recipe gained
+prep_vision, 4,700 since; copy it away before the trainer's keep=2 rotation removes it). Every arm trains
+the paper's stage-3 components (vision, adapter, VTE and LLM) unless it says otherwise. Variants, by
+environment variable:
 
     CKPT=runs/default/checkpoints/step_0004100 python -m train.experiments.vqa_stage3 base 600
     GAIN=8      the adapter's LayerNorm gain x8 (a sharper visual softmax)
@@ -16,6 +18,16 @@ trainer's keep=2 rotation removes it). Variants, by environment variable:
                 object's colour and shape at once
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
                 head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
+    ORACLE=grid a diagnostic without the ViT: each of an image's 16 tokens (a 16x16 px cell) is the
+                average of the VTE rows for the colour and the shape of the object covering most of the
+                cell (or a background row), read from the image exactly; tells whether perfectly clean
+                per-cell tokens are enough for the LLM
+    ORACLE=objects  the same with one token per object (colour, shape and the 4x4 cell of its centre;
+                raster order) and "empty" rows after: tokens that each keep one whole object
+    LABELS=400  first 400 steps of the visual tokenizer alone learning to emit the grid oracle's words
+                (LABEL_LR; LAYOUT=grid_pos adds row and column words); then FREEZE_VIS=1 keeps it
+                frozen in stage 3, LABEL_AUX=0.5 adds that label loss (weight 0.5, on the batch's
+                images) to every stage-3 step
 
 One thread by default (THREADS), so two variants run side by side on 2 cores. CKPT=default starts from
 the shipped model instead; DEVICE=cuda trains there; BATCH sets the questions per step (default 32);
@@ -44,6 +56,7 @@ from train.config import DataArgs, resolve
 from train.data import TaskData
 from train.experiments import device_sync, steps_for_budget
 from train.experiments.vqa_text_oracle import CKPT, train_llm_on_text
+from train.stages import PAPER_STAGES
 from train.trainer import load_checkpoint, lr_lambda, set_trainable
 
 
@@ -59,6 +72,132 @@ def bypass_softmax(tokenizer: VisualTokenizer) -> None:
         logits = tokenizer.head(features.reshape(-1, g * features.shape[-1]))
         return torch.nn.functional.pad(logits / 128, (0, tokenizer.adapter_cfg.num_indicators))
     tokenizer.forward = forward
+
+
+def cell_targets(rgb, n: int, vocab: int, layout: str = "grid") -> torch.Tensor:
+    """Exact scene labels of one image (H W 3 uint8) as [n, vocab] distributions over visual words.
+
+    grid: token k (a cell of a square grid) is 1/2 on the colour word and 1/2 on the shape word of the
+    object covering most of the cell, or 1 on a background word. objects: token k is 1/3 on the colour,
+    shape and centre-cell words of the k-th object in raster order, or 1 on an "empty" word. grid_pos:
+    grid at half weight plus 1/4 on the cell's row and 1/4 on its column word. Words 0-5 are the
+    colours, 6-8 the shapes, 9 the background, then n cells, "empty", the rows and the columns.
+    """
+    from ovis_u1.shapes.reader import read_scene
+    from ovis_u1.shapes.world import COLOR_NAMES, SHAPES
+
+    color_id = {c: i for i, c in enumerate(COLOR_NAMES)}
+    shape_id = {s: len(COLOR_NAMES) + i for i, s in enumerate(SHAPES)}
+    background = len(COLOR_NAMES) + len(SHAPES)
+    cell_id = background + 1
+    objects = read_scene(rgb).objects
+    side = rgb.shape[0]
+    cells = round(n ** 0.5)
+    cell = side // cells
+    out = torch.zeros(n, vocab)
+    rows_id, cols_id = cell_id + n + 1, cell_id + n + 1 + cells
+    if layout in ("grid", "grid_pos"):
+        masks = [o.mask(side) for o in objects]
+        for k in range(n):
+            r, c = divmod(k, cells)
+            cover = [m[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].sum() for m in masks]
+            if not cover or max(cover) == 0:
+                out[k, background] = 1.0
+            else:
+                o = objects[max(range(len(cover)), key=cover.__getitem__)]
+                out[k, color_id[o.color]] = out[k, shape_id[o.shape]] = 0.5
+            if layout == "grid_pos":  # half on the label, half on the cell's row and column words
+                out[k] *= 0.5
+                out[k, rows_id + r] = out[k, cols_id + c] = 0.25
+    elif layout == "objects":
+        objects = sorted(objects, key=lambda o: (int(o.cy // cell), o.cx))
+        for k in range(n):
+            if k < len(objects):
+                o = objects[k]
+                where = int(min(o.cy // cell, cells - 1)) * cells + int(min(o.cx // cell, cells - 1))
+                for j in (color_id[o.color], shape_id[o.shape], cell_id + where):
+                    out[k, j] = 1 / 3
+            else:
+                out[k, cell_id + n] = 1.0
+    else:
+        raise ValueError(f"layout must be grid, grid_pos or objects, got {layout!r}")
+    return out
+
+
+def oracle_tokens(tokenizer: VisualTokenizer, layout: str) -> None:
+    """Replace the visual tokens by exact scene labels (see ORACLE above); the VTE rows still train."""
+    from ovis_u1.processing import patches_to_image
+
+    adapter = tokenizer.adapter_cfg
+
+    def forward(patches, grid_thws):
+        out, start = [], 0
+        for grid in grid_thws:
+            count = grid[0] * grid[1] * grid[2]
+            pixels = patches_to_image(patches[start:start + count].float().cpu(), grid, adapter.image_mean,
+                                      adapter.image_std, adapter.hidden_stride)
+            rgb = (pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            out.append(cell_targets(rgb, count // adapter.hidden_stride**2, adapter.vocab_size, layout))
+            start += count
+        return torch.cat(out).to(patches.device, tokenizer.head[0].weight.dtype)
+    tokenizer.forward = forward
+
+
+def label_loss(model, images, layout: str = "grid") -> torch.Tensor:
+    """Cross-entropy of the visual tokenizer's softmax against the labels of `images` (PIL) read back from
+    them: the trainer's cells loss (train.losses.cells_loss) with a choice of layout."""
+    import numpy as np
+    logits, grids = losses.visual_word_logits(model, images)
+    per_image = [t * h * w // model.config.adapter.hidden_stride ** 2 for t, h, w in grids]
+    target = torch.cat([cell_targets(np.asarray(im.convert("RGB")), n, logits.shape[-1], layout)
+                        for im, n in zip(images, per_image)])
+    return -(target.to(logits.device) * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def pretrain_labels(model, data, steps: int, lr: float, batch_size: int = 32) -> None:
+    """The visual tokenizer alone learns to emit the grid labels (LABELS steps; the others stay frozen)."""
+    params = list(model.visual_tokenizer.parameters())
+    trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, ema = time.time(), None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_lambda(step, steps, 0.05, 0.1)
+        images = [im for s in data.batch("vqa", 3 * 10**7 + step * batch_size, batch_size) for im in s.images]
+        loss = label_loss(model, images[:batch_size], os.environ.get("LAYOUT", "grid"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if (step + 1) % 50 == 0:
+            print("labels", step + 1, round(ema, 4), f"{time.time() - t0:.0f}s", flush=True)
+    for p, t in zip(params, trainable):
+        p.requires_grad_(t)
+    print("labels held-out token accuracy", round(label_accuracy(model), 4), flush=True)
+
+
+@torch.no_grad()
+def label_accuracy(model, n: int = 64) -> float:
+    """Share of held-out grid tokens whose most likely words are exactly their label's (1 or 2) words."""
+    import numpy as np
+
+    from ovis_u1.processing import image_patches
+    from ovis_u1.shapes.world import ShapesWorld
+    world, cfg, hits, total = ShapesWorld(64, 0, "heldout"), model.config, 0, 0
+    for i in range(n):
+        im = world.vqa(i).images[0]
+        p, grid = image_patches(im, cfg)
+        probs = model.visual_tokenizer(p.to(model.device, model.dtype), [grid]).float().cpu()
+        target = cell_targets(np.asarray(im.convert("RGB")), probs.shape[0], probs.shape[1],
+                              os.environ.get("LAYOUT", "grid"))
+        for row, want in zip(probs, target):
+            k = int((want > 0).sum())
+            hits += set(row.topk(k).indices.tolist()) == set(want.nonzero()[:, 0].tolist())
+            total += 1
+    return hits / total
 
 
 def main() -> None:
@@ -86,15 +225,23 @@ def main() -> None:
         model.visual_tokenizer.head[1].weight.mul_(env("GAIN", 1.0))
     if int(env("BYPASS", 0)):
         bypass_softmax(model.visual_tokenizer)
+    if os.environ.get("ORACLE"):
+        oracle_tokens(model.visual_tokenizer, os.environ["ORACLE"])
     if int(env("WARM", 0)):
         model.requires_grad_(False)
         model.llm.requires_grad_(True)
         train_llm_on_text(model, args, int(env("WARM", 0)), env("WLR", 1e-3), seed=7)
-    set_trainable(model, next(s for s in args.stages if s.name == "stage3"))
+    # The paper's stage-3 components (vision, adapter, VTE, LLM), whatever the default recipe now freezes.
+    set_trainable(model, next(s for s in PAPER_STAGES if s.name == "stage3"))
     if int(env("FREEZE_LLM", 0)):
         model.llm.requires_grad_(False)  # only the visual side learns to speak to the LLM
+    if int(env("FREEZE_VIS", 0)):
+        model.visual_tokenizer.requires_grad_(False)
     model.to(device)
     data = TaskData(DataArgs(image_size=64))
+    if int(env("LABELS", 0)):
+        pretrain_labels(model, data, int(env("LABELS", 0)), env("LABEL_LR", 1e-3))
+    aux = env("LABEL_AUX", 0.0)
 
     def optimizer(m):
         named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
@@ -114,6 +261,8 @@ def main() -> None:
         if n_shape:  # shape questions from their own index range, in place of the first rows
             batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
         loss = losses.vqa_loss(m, batch)
+        if aux:
+            loss = loss + aux * label_loss(m, [im for s in batch for im in s.images], os.environ.get("LAYOUT", "grid"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                        args.optim.grad_clip or 1.0)
