@@ -1,1 +1,1 @@
-"""The six-stage Ovis-U1 trainer (plus the two preparation steps) and its recipes."""
+"""The six-stage Ovis-U1 trainer (plus the preparation steps) and its recipes."""
