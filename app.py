@@ -49,8 +49,8 @@ MAX_SEED = 2**31 - 1
 # match over 6 questions per VQA kind). Re-pick when the default model is retrained.
 EXAMPLE_PICKS = {
     "t2i": [("counting", 0, 0), ("two_object", 0, 0), ("colors", 0, 0)],
-    "edit": [("recolor", 1, 42), ("remove", 1, 42), ("add", 9, 42)],
-    "vqa": [("color", 0), ("shape", 0), ("count", 0), ("relation", 0), ("describe", 3)],
+    "edit": [("recolor", 9, 42), ("remove", 6, 42), ("add", 1, 42)],
+    "vqa": [("color", 0), ("shape", 0), ("count", 1), ("relation", 0), ("describe", 0)],
 }
 # Small images (the shapes world's are 64 px) are shown enlarged, with crisp pixels.
 CSS = """.pixelated img, .pixelated canvas { image-rendering: pixelated; }
