@@ -14,6 +14,8 @@ environment variable:
     WARM=1200   first 1,200 LLM-only steps on text-described scenes (see vqa_text_oracle), WLR its lr
     SHAPE_FRAC=0.5  that fraction of each batch is shape questions (the mix has ~1/6; see vqa_gradients)
     SHAPE_FIRST=600 the first 600 steps are shape questions only (a curriculum), then the usual mix
+    KIND=compare every step's whole batch is that kind of question (a diagnostic: can the LLM learn it
+                when nothing else competes?); KIND_STEPS=600 only the first 600 steps, then the usual mix
     DESCRIBE_FIRST=600 the same with descriptions ("a red circle and a blue square"), which name every
                 object's colour and shape at once
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
@@ -253,7 +255,10 @@ def main() -> None:
     def train_step(m, opt, step, steps) -> float:
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
-        if step < env("DESCRIBE_FIRST", 0):  # descriptions from their own index range, the whole batch
+        if os.environ.get("KIND") and step < env("KIND_STEPS", 10**9):  # one kind only, own index range
+            batch = [data.world.vqa(3 * 10**7 + step * batch_size + k, kind=os.environ["KIND"])
+                     for k in range(batch_size)]
+        elif step < env("DESCRIBE_FIRST", 0):  # descriptions from their own index range, the whole batch
             batch = [data.world.vqa(2 * 10**7 + step * batch_size + k, kind="describe") for k in range(batch_size)]
         else:
             batch = data.batch("vqa", step * batch_size, batch_size)
