@@ -252,19 +252,22 @@ def main() -> None:
         return torch.optim.AdamW([{"params": visual, "mult": vis_mult}, {"params": rest, "mult": 1.0}], lr=lr,
                                  betas=args.optim.betas, weight_decay=args.optim.weight_decay)
 
+    def one_kind(kind: str, stream: int, step: int, n: int) -> list:
+        """n questions of one kind for this step, from that variant's own index range (stream x 10^7)."""
+        return [data.world.vqa(stream * 10**7 + step * batch_size + k, kind=kind) for k in range(n)]
+
     def train_step(m, opt, step, steps) -> float:
         for g in opt.param_groups:
             g["lr"] = lr * g["mult"] * lr_lambda(step, steps, args.optim.warmup_frac, args.optim.min_lr_frac)
-        if os.environ.get("KIND") and step < env("KIND_STEPS", 10**9):  # one kind only, own index range
-            batch = [data.world.vqa(3 * 10**7 + step * batch_size + k, kind=os.environ["KIND"])
-                     for k in range(batch_size)]
-        elif step < env("DESCRIBE_FIRST", 0):  # descriptions from their own index range, the whole batch
-            batch = [data.world.vqa(2 * 10**7 + step * batch_size + k, kind="describe") for k in range(batch_size)]
+        if os.environ.get("KIND") and step < env("KIND_STEPS", 10**9):  # one kind only, the whole batch
+            batch = one_kind(os.environ["KIND"], 3, step, batch_size)
+        elif step < env("DESCRIBE_FIRST", 0):  # descriptions only, the whole batch
+            batch = one_kind("describe", 2, step, batch_size)
         else:
             batch = data.batch("vqa", step * batch_size, batch_size)
         n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
-        if n_shape:  # shape questions from their own index range, in place of the first rows
-            batch[:n_shape] = [data.world.vqa(10**7 + step * batch_size + k, kind="shape") for k in range(n_shape)]
+        if n_shape:  # shape questions in place of the first rows
+            batch[:n_shape] = one_kind("shape", 1, step, n_shape)
         loss = losses.vqa_loss(m, batch)
         if aux:
             loss = loss + aux * label_loss(m, [im for s in batch for im in s.images], os.environ.get("LAYOUT", "grid"))
