@@ -45,7 +45,7 @@ def offload_groups(model) -> list[tuple[str, nn.Module, list[nn.Module]]]:
     The VAE needs no entry list: diffusers' `encode`/`decode` already call an accelerate hook they find.
     """
     llm = model.llm
-    understanding = nn.ModuleList([model.visual_tokenizer, model.vte, llm])
+    understanding = nn.ModuleList([model.visual_tokenizer, model.components()["vte"], llm])
     generation = nn.ModuleList([model.refiner, model.decoder])
     understanding_entries = [model.visual_tokenizer, llm.get_input_embeddings(), llm.model, llm]
     return [("understanding", understanding, understanding_entries),

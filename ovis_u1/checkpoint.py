@@ -39,6 +39,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 PUBLISHED_PREFIXES = {
     "visual_tokenizer.": "visual_tokenizer.",
     "vte.": "vte.",
+    "visual_positions.": "visual_positions.",  # a departure; absent from published checkpoints
     "llm.": "llm.",
     "refiner.": "visual_generator.backbone.txt_in.",
     "decoder.": "visual_generator.backbone.",

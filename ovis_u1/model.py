@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import OvisU1Config, get_preset
 from .decoder import VisualDecoder
-from .llm import build_llm, condition_hidden_states, embed_multimodal
+from .llm import VisualPositions, build_llm, condition_hidden_states, embed_multimodal
 from .refiner import TokenRefiner
 from .vae import VAE
 from .vision import VisualTokenizer
@@ -33,6 +33,7 @@ class OvisU1(nn.Module):
         self.tokenizer = tokenizer
         self.visual_tokenizer = VisualTokenizer(config.vision, config.adapter)
         self.vte = nn.Embedding(config.adapter.vocab_size, config.llm.hidden_size)
+        self.visual_positions = self.build_visual_positions(config) if config.adapter.position_buckets else None
         self.llm = build_llm(config.llm)
         self.refiner = TokenRefiner(config.refiner)
         self.decoder = VisualDecoder(config.decoder)
@@ -50,6 +51,11 @@ class OvisU1(nn.Module):
         bad = [f"{k}={got} but must equal {what}={want}" for k, (got, want, what) in needs.items() if got != want]
         if bad:
             raise ValueError("inconsistent config: " + "; ".join(bad))
+
+    @staticmethod
+    def build_visual_positions(config: OvisU1Config) -> VisualPositions:
+        a = config.adapter
+        return VisualPositions(a.position_buckets, a.max_images, config.llm.hidden_size, a.hidden_stride)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -83,7 +89,9 @@ class OvisU1(nn.Module):
         return {
             "vision": self.visual_tokenizer.backbone,
             "adapter": self.visual_tokenizer.head,
-            "vte": self.vte,
+            # The visual positions (a departure, off in the published model) embed visual tokens, as the VTE
+            # does, and train with it.
+            "vte": self.vte if self.visual_positions is None else nn.ModuleList([self.vte, self.visual_positions]),
             "llm": self.llm,
             "refiner": self.refiner,
             "decoder": self.decoder,
@@ -114,8 +122,11 @@ class OvisU1(nn.Module):
         return self.visual_tokenizer(pixels, grid_thws)
 
     def embed(self, input_ids: Tensor, patches: list[Tensor], grid_thws) -> Tensor:
-        return embed_multimodal(self.llm, self.vte, input_ids.to(self.device),
-                                self.visual_tokens(patches, grid_thws))
+        input_ids = input_ids.to(self.device)
+        embeds = embed_multimodal(self.llm, self.vte, input_ids, self.visual_tokens(patches, grid_thws))
+        if self.visual_positions is not None:
+            embeds = self.visual_positions(embeds, input_ids, grid_thws)
+        return embeds
 
     def condition(self, input_ids: Tensor, attention_mask: Tensor, patches: list[Tensor], grid_thws) -> Tensor:
         """Generation condition [B, L, 2 x llm hidden] over every prompt token, image tokens included."""

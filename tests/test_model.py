@@ -365,3 +365,73 @@ def test_import_has_no_side_effects(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path / "src" / "ovis_u1" / "__init__.py")
     assert snapshot() == before
+
+
+# ---- visual positions (a departure of the small presets; off in the published model) -------------------
+def _with_positions(model: OvisU1, buckets: int = 4) -> OvisU1:
+    model.config.adapter.position_buckets = buckets
+    model.visual_positions = OvisU1.build_visual_positions(model.config)
+    return model
+
+
+def test_visual_position_ids_two_images_and_buckets(make_tiny):
+    model = _with_positions(make_tiny())
+    s = model.config.adapter.hidden_stride
+    # A 4x4 token grid, then an 8x8 one: rows and columns bucket onto the same 4 x 4 table.
+    grids = [(1, 4 * s, 4 * s), (1, 8 * s, 8 * s)]
+    ids = torch.tensor([[5, INDICATOR_IDS[0], *[VISUAL_ATOM_ID] * 16, INDICATOR_IDS[1], 6,
+                         INDICATOR_IDS[0], *[VISUAL_ATOM_ID] * 64, INDICATOR_IDS[1], 7]])
+    image, row, col = model.visual_positions.ids(ids, grids)
+    assert image.tolist() == [0] * 16 + [1] * 64
+    assert row[:16].tolist() == [r for r in range(4) for _ in range(4)]
+    assert col[:16].tolist() == [0, 1, 2, 3] * 4
+    assert row[16:].tolist() == [r // 2 for r in range(8) for _ in range(8)]
+    assert col[16:].tolist() == [c // 2 for c in range(8)] * 8
+    # Each row of a batch counts its own images from 0.
+    row_ids = [5, INDICATOR_IDS[0], *[VISUAL_ATOM_ID] * 16, INDICATOR_IDS[1]]
+    batch = torch.tensor([row_ids, row_ids])
+    assert model.visual_positions.ids(batch, grids[:1] * 2)[0].tolist() == [0] * 32
+
+
+def test_visual_positions_mark_only_visual_tokens(make_tiny):
+    plain = make_tiny()
+    model = _with_positions(make_tiny())
+    patches, grids = patches_of(model, random_image(32, 32, seed=1), random_image(32, 32, seed=2))
+    n = model.visual_tokens(patches, grids).shape[0] // 2
+    one = _ids_with_image(n)[0].tolist()
+    ids = torch.tensor([one + one[3:3 + n + 2]])  # the second image after the first prompt
+    with torch.no_grad():
+        for table in (model.visual_positions.image, model.visual_positions.row, model.visual_positions.col):
+            table.weight.zero_()
+    torch.testing.assert_close(model.embed(ids, patches, grids), plain.embed(ids, patches, grids))
+    with torch.no_grad():
+        model.visual_positions.image.weight[1] = 1.0
+        model.visual_positions.col.weight[0] = 2.0
+    diff = (model.embed(ids, patches, grids) - plain.embed(ids, patches, grids))[0]
+    atoms = ids[0] == VISUAL_ATOM_ID
+    assert diff[~atoms].abs().max() == 0  # text and indicator embeddings untouched
+    expected = torch.zeros(2 * n)
+    expected[n:] += 1.0  # the second image
+    first_col = torch.tensor([c == 0 for c in model.visual_positions.ids(ids, grids)[2].tolist()])
+    expected[first_col] += 2.0
+    torch.testing.assert_close(diff[atoms].mean(-1), expected)
+
+
+def test_visual_positions_train_with_the_vte_and_survive_a_round_trip(make_tiny, tmp_path):
+    from ovis_u1.checkpoint import to_published_key
+    model = _with_positions(make_tiny())
+    assert any(p is model.visual_positions.row.weight for p in model.components()["vte"].parameters())
+    patches, grids = patches_of(model, random_image(32, 32, seed=1))
+    n = model.visual_tokens(patches, grids).shape[0]
+    ids = _ids_with_image(n)
+    logits = model.llm(inputs_embeds=model.embed(ids, patches, grids)).logits
+    F.cross_entropy(logits[0, :-1], ids.clamp(min=0)[0, 1:]).backward()
+    assert missing_grads(model.visual_positions) == []
+    with torch.no_grad():
+        model.visual_positions.row.weight.normal_()
+    model.save_pretrained(tmp_path / "m")
+    loaded = OvisU1.from_pretrained(tmp_path / "m")
+    assert loaded.config.adapter.position_buckets == 4
+    torch.testing.assert_close(loaded.visual_positions.row.weight, model.visual_positions.row.weight)
+    assert to_published_key("visual_positions.row.weight") == "visual_positions.row.weight"
+    assert make_tiny().visual_positions is None  # off unless the config asks

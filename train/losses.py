@@ -48,7 +48,7 @@ def _needs_grad(*modules) -> bool:
 
 def _conditions(model, texts: list[str], images: list[Image.Image]):
     """LLM conditions; skipped from autograd when nothing upstream of the refiner trains (stages 0, 4, 5)."""
-    upstream = (model.llm, model.visual_tokenizer, model.vte)
+    upstream = (model.llm, model.visual_tokenizer, model.components()["vte"])
     with torch.set_grad_enabled(torch.is_grad_enabled() and _needs_grad(*upstream)):
         return encode_conditions(model, texts, images)
 
