@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,6 +193,45 @@ def test_shapes_vqa_data_holds_conversations_and_the_loss_reads_them(make_tiny):
     torch.manual_seed(0)
     # the earlier answers carry loss too, so the conversation's loss differs from the single turn's
     assert vqa_loss(model, batch).item() != pytest.approx(vqa_loss(model, none.batch("vqa", 0, 6)).item())
+
+
+def test_a_stage_can_ask_for_chosen_question_kinds():
+    from train.data import TaskData
+    data = TaskData(resolve("smoke", []).data)
+    kinds = {"mix": 0.75, "side": 0.25}
+    batch, again = data.batch("vqa", 0, 200, kinds), data.batch("vqa", 0, 200, kinds)
+    side = [s for s in batch if re.search(r"on the left or on the right|at the top or at the bottom", s.question)]
+    assert 30 <= len(side) <= 70  # 0.25 of 200, give or take the draw
+    assert {s.answer for s in side} == {"left", "right", "top", "bottom"}
+    assert [s.question for s in batch] == [s.question for s in again]  # deterministic by index
+    # the other samples are exactly the usual stream's
+    others = [(i, s.question) for i, s in enumerate(batch) if s not in side]
+    assert all(data.sample("vqa", i).question == q for i, q in others)
+    relation = data.batch("vqa", 0, 40, {"relation": 3, "side": 1})
+    assert all(re.search(r"left of|right of|above|below|on the left or|at the top or", s.question) for s in relation)
+    assert {s.answer for s in relation} >= {"yes", "no"}
+    for bad, word in (("{relation: 1, wings: 1}", "wings"), ("{relation: 0}", "relation")):
+        with pytest.raises(ValueError, match=rf"stage 'stage3': vqa_kinds must map question kinds .*{word}"):
+            resolve("default", [f"stages.stage3.vqa_kinds={bad}"])
+    with pytest.raises(ValueError, match="vqa_kinds choose shapes-world questions"):
+        resolve("default", ["stages.stage3.vqa_kinds={side: 1}", "data.source=mine.jsonl"])
+
+
+def test_preset_overrides_change_the_built_model(tmp_path):
+    from ovis_u1.config import get_preset
+    from train.trainer import override_config
+    config = override_config(get_preset("tiny"), {"adapter.position_buckets": 3, "llm.num_hidden_layers": 1})
+    assert config.adapter.position_buckets == 3 and config.llm.num_hidden_layers == 1
+    assert get_preset("tiny").adapter.position_buckets == 0  # presets are not changed in place
+    with pytest.raises(ValueError, match="adapter has no field 'nope'"):
+        override_config(get_preset("tiny"), {"adapter.nope": 1})
+    with pytest.raises(ValueError, match=r"must be 'section\.field'"):
+        override_config(get_preset("tiny"), {"wings.span": 1})
+    args = resolve("smoke", ["preset_overrides={adapter.position_buckets: 2}"])
+    from train.data import TaskData
+    from train.trainer import build_model
+    model = build_model(args, TaskData(args.data))
+    assert model.visual_positions is not None and model.visual_positions.buckets == 2
 
 
 def test_own_jsonl_data_with_bad_records(tmp_path):

@@ -58,6 +58,9 @@ class LoRAArgs:
 @dataclass
 class TrainArgs:
     preset: str = "shapes"
+    # Changes to the preset's model config, "section.field": value (e.g. {"adapter.position_buckets": 4});
+    # ignored with `init`, whose checkpoint brings its own config.
+    preset_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # checkpoint directory to start from instead of a random preset
     out_dir: str = "runs/default"
     export: str | None = None  # where the final model is saved (own format); default out_dir/final
@@ -185,4 +188,13 @@ def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None
         value = getattr(args.data, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
             raise ValueError(f"data.{name} must be a number in [0, {hi}], got {value!r}")
+    for stage in args.stages:
+        stage.validate()
+    kinds = [s.name for s in args.stages if s.vqa_kinds]
+    if kinds and args.data.source != "shapes":
+        raise ValueError(f"stages {kinds} set vqa_kinds, but vqa_kinds choose shapes-world questions and "
+                         f"data.source is {args.data.source!r}; drop them or train on data.source=shapes")
+    if not isinstance(args.preset_overrides, dict):
+        raise ValueError("preset_overrides must be a mapping of 'section.field' to values, "
+                         f"got {args.preset_overrides!r}")
     return args

@@ -53,7 +53,7 @@ class TaskData:
         order = np.random.default_rng([self.args.seed, epoch]).permutation(len(pool))
         return pool[order[j]]
 
-    def sample(self, task: str, i: int):
+    def sample(self, task: str, i: int, vqa_kinds: dict[str, float] | None = None):
         if task == "lm":
             corpus = self.corpus()
             return corpus[i % len(corpus)]
@@ -68,8 +68,17 @@ class TaskData:
         if self.own is not None:
             return self._own(task, i)
         if task == "vqa":
-            return self.world.vqa_conversation(i, self.args.vqa_history)
+            return self.world.vqa_conversation(i, self.args.vqa_history, self._vqa_kind(i, vqa_kinds))
         return getattr(self.world, task)(i)
 
-    def batch(self, task: str, start: int, n: int) -> list:
-        return [self.sample(task, start + k) for k in range(n)]
+    def _vqa_kind(self, i: int, vqa_kinds: dict[str, float] | None) -> str | None:
+        """The question kind of VQA sample i under a stage's kind weights (None: the world's usual mix),
+        drawn from the sample's own mixing stream so the draw never shifts the question's."""
+        if not vqa_kinds:
+            return None
+        kinds, weights = list(vqa_kinds), np.cumsum(list(vqa_kinds.values()))
+        k = min(int(np.searchsorted(weights / weights[-1], self.world.draw("vqa", i), side="right")), len(kinds) - 1)
+        return None if kinds[k] == "mix" else kinds[k]
+
+    def batch(self, task: str, start: int, n: int, vqa_kinds: dict[str, float] | None = None) -> list:
+        return [self.sample(task, start + k, vqa_kinds) for k in range(n)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ovis_u1.shapes.world import TRAIN_VQA_KINDS
+
 COMPONENTS = ("vision", "adapter", "vte", "llm", "refiner", "decoder", "vae")
 TASKS = ("t2i", "edit", "vqa", "lm", "vae", "cells")
 
@@ -20,6 +22,9 @@ class StageArgs:
     steps: int = 100
     batch_size: int = 32
     lr: float = 1e-4
+    # The VQA questions' kinds and their shares (shapes world only), e.g. {relation: 0.75, side: 0.25};
+    # "mix" stands for the world's usual mixture. Empty: the usual mixture throughout.
+    vqa_kinds: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         bad = [c for c in self.trainable if c not in COMPONENTS]
@@ -32,6 +37,12 @@ class StageArgs:
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"stage {self.name!r}: need steps >= 0, batch_size >= 1, lr > 0; got "
                              f"{self.steps}, {self.batch_size}, {self.lr}")
+        kinds = ("mix", *TRAIN_VQA_KINDS)
+        if not isinstance(self.vqa_kinds, dict) or any(
+                k not in kinds or isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")
+                for k, w in self.vqa_kinds.items()):
+            raise ValueError(f"stage {self.name!r}: vqa_kinds must map question kinds from {kinds} to positive "
+                             f"shares, got {self.vqa_kinds!r}")
 
     def split_batch(self, batch_size: int) -> dict[str, int]:
         """Rows per task for a mixed-task batch (largest-remainder rounding, every task at least 1)."""

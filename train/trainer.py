@@ -71,13 +71,28 @@ class TrainingModule(nn.Module):
 
 
 # ---- model construction and freezing ----------------------------------------------------------------------
+def override_config(config, overrides: dict):
+    """A model config with `{"section.field": value}` changes; unknown names raise, listing the known ones."""
+    for key, value in overrides.items():
+        section, _, name = str(key).partition(".")
+        sub = getattr(config, section, None)
+        if not dataclasses.is_dataclass(sub) or not name:
+            known = [f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))]
+            raise ValueError(f"preset_overrides key {key!r} must be 'section.field' with a section of {known}")
+        fields = {f.name for f in dataclasses.fields(sub)}
+        if name not in fields:
+            raise ValueError(f"preset_overrides key {key!r}: {section} has no field {name!r}; known: {sorted(fields)}")
+        setattr(config, section, dataclasses.replace(sub, **{name: value}))
+    return config
+
+
 def build_model(args: TrainArgs, data: TaskData) -> OvisU1:
     if args.init:
         model = OvisU1.from_pretrained(args.init)
     else:
         from ovis_u1.config import get_preset
         from ovis_u1.tokenizer import build_tokenizer, default_corpus
-        config = get_preset(args.preset)
+        config = override_config(get_preset(args.preset), args.preset_overrides)
         torch.manual_seed(args.seed)
         tokenizer = build_tokenizer(default_corpus() + data.corpus(), vocab_size=config.llm.vocab_size)
         model = OvisU1(config, tokenizer=tokenizer)
@@ -303,7 +318,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
             for task, n in rows.items():
                 local = max(1, n // world)
                 start = state.drawn.get(task, 0) + rank * local
-                batches[task] = data.batch(task, start, local)
+                batches[task] = data.batch(task, start, local, stage.vqa_kinds)
                 state.drawn[task] = state.drawn.get(task, 0) + local * world
             loss, parts = module(batches, stage.tasks, generator)
             accelerator.backward(loss)

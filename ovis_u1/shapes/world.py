@@ -58,6 +58,9 @@ POSITION_THRESHOLD = 0.1  # GenEval's: offsets shrink by this fraction of the tw
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 T2I_CATEGORIES = (*GENEVAL_CATEGORIES, "scene")
 VQA_KINDS = ("color", "shape", "count", "relation", "describe", "compare")
+# Question kinds a training stage can ask for by name: the evaluated six plus "side" (which half of the
+# image an object is in: one half of a relation question), a training aid outside the usual mix.
+TRAIN_VQA_KINDS = (*VQA_KINDS, "side")
 EDIT_KINDS = ("recolor", "remove", "add", "replace", "move")
 
 
@@ -401,6 +404,22 @@ def _vqa_relation(rng, size):
     return [scene], question, "yes" if asked in relations(x, y) else "no"
 
 
+def _vqa_side(rng, size):
+    """Which half one object is in ("Is the red circle on the left or on the right?" -> "left"): a
+    diagnostic kind, not in VQA_KINDS (the first half of a relation question: find an object, read where)."""
+    a = (_pick(rng, SHAPES), _pick(rng, COLOR_NAMES))
+    extra = [p for p in _random_pairs(rng, int(rng.integers(0, 3))) if p != a]
+    axis = _pick(rng, ("x", "y"))
+    scene = _scene(rng, size, [a, *extra],
+                   accept=lambda objs: abs(getattr(objs[0], "c" + axis) - size / 2) >= size / 8)
+    x = scene.objects[0]
+    if axis == "x":
+        question, answer = "on the left or on the right", "left" if x.cx < size / 2 else "right"
+    else:
+        question, answer = "at the top or at the bottom", "top" if x.cy < size / 2 else "bottom"
+    return [scene], f"Is the {x.color} {x.shape} {question}?", answer
+
+
 def _vqa_describe(rng, size):
     scene = random_scene(rng, size)
     return [scene], DESCRIBE_QUESTION, describe(scene)
@@ -427,7 +446,7 @@ def _vqa_compare(rng, size):
 
 
 _VQA = {"color": _vqa_color, "shape": _vqa_shape, "count": _vqa_count, "relation": _vqa_relation,
-        "describe": _vqa_describe, "compare": _vqa_compare}
+        "describe": _vqa_describe, "compare": _vqa_compare, "side": _vqa_side}
 
 
 def scene_question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
@@ -580,6 +599,11 @@ class ShapesWorld:
 
     def rng(self, task: str, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLITS[self.split], _TASKS[task], i])
+
+    def draw(self, task: str, i: int) -> float:
+        """A uniform number in [0, 1) for sample i of a task, from a stream of its own (a training mix's
+        choices, which must not change the sample's own draws)."""
+        return float(np.random.default_rng([self.seed, _SPLITS[self.split], _TASKS[task], i, 2]).random())
 
     def t2i_scene(self, i: int, category: str | None = None) -> tuple[Scene, str, Spec]:
         return sample_t2i(self.rng("t2i", i), category, self.size)
