@@ -16,8 +16,13 @@ environment variable:
     SHAPE_FIRST=600 the first 600 steps are shape questions only (a curriculum), then the usual mix
     KIND=compare every step's whole batch is that kind of question (a diagnostic: can the LLM learn it
                 when nothing else competes?); KIND_STEPS=600 only the first 600 steps, then the usual mix
+    SIDE_FRAC=0.25  that fraction of each batch asks which half an object is in ("Is the red circle on the
+                left or on the right?", the diagnostic kind "side": one half of a relation question)
     DESCRIBE_FIRST=600 the same with descriptions ("a red circle and a blue square"), which name every
                 object's colour and shape at once
+    POSITIONS=4 adds learned image-index, row and column embeddings (4 buckets) to the visual tokens
+                (`AdapterConfig.position_buckets`), N(0, 1) like the VTE (POS_INIT=0: zeros), trained with
+                the VTE
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
                 head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
     ORACLE=grid a diagnostic without the ViT: each of an image's 16 tokens (a 16x16 px cell) is the
@@ -51,7 +56,8 @@ from pathlib import Path
 import torch
 
 from ovis_u1.model import OvisU1
-from ovis_u1.shapes.evaluate import evaluate_model
+from ovis_u1.shapes import ShapesWorld
+from ovis_u1.shapes.evaluate import _vqa_report, evaluate_model
 from ovis_u1.vision import VisualTokenizer
 from train import losses
 from train.config import DataArgs, resolve
@@ -233,6 +239,13 @@ def main() -> None:
         model.requires_grad_(False)
         model.llm.requires_grad_(True)
         train_llm_on_text(model, args, int(env("WARM", 0)), env("WLR", 1e-3), seed=7)
+    if int(env("POSITIONS", 0)) and model.visual_positions is None:  # fresh (zero) image/row/column tables
+        model.config.adapter.position_buckets = int(env("POSITIONS", 0))
+        model.visual_positions = OvisU1.build_visual_positions(model.config)
+        if "POS_INIT" in os.environ:  # POS_INIT=0: zeros (the model starts out unchanged); the default N(0, 1)
+            with torch.no_grad():
+                for table in (model.visual_positions.image, model.visual_positions.row, model.visual_positions.col):
+                    table.weight.normal_(0.0, env("POS_INIT", 1.0))
     # The paper's stage-3 components (vision, adapter, VTE, LLM), whatever the default recipe now freezes.
     set_trainable(model, next(s for s in PAPER_STAGES if s.name == "stage3"))
     if int(env("FREEZE_LLM", 0)):
@@ -268,6 +281,9 @@ def main() -> None:
         n_shape = batch_size if step < env("SHAPE_FIRST", 0) else round(env("SHAPE_FRAC", 0.0) * batch_size)
         if n_shape:  # shape questions in place of the first rows
             batch[:n_shape] = one_kind("shape", 1, step, n_shape)
+        n_side = round(env("SIDE_FRAC", 0.0) * batch_size)
+        if n_side:  # "which half is this object in" questions in place of the last rows
+            batch[-n_side:] = one_kind("side", 4, step, n_side)
         loss = losses.vqa_loss(m, batch)
         if aux:
             loss = loss + aux * label_loss(m, [im for s in batch for im in s.images], os.environ.get("LAYOUT", "grid"))
@@ -293,6 +309,9 @@ def main() -> None:
             print(variant, step + 1, round(ema, 4), f"{time.time() - t0:.0f}s", flush=True)
     model.eval()
     report = evaluate_model(model, n=int(env("EVAL", 120)), tasks=("vqa",))["vqa"]
+    if os.environ.get("KIND") == "side" or env("SIDE_FRAC", 0.0):  # outside VQA_KINDS: scored on its own
+        held_out = ShapesWorld(64, 0, split="heldout")
+        report.update(side=_vqa_report(model, held_out, 40, 8, ("side",), 0.0)["side"])
     print(json.dumps({"variant": variant, "steps": steps, "batch": batch_size, "loss": ema,
                       "vqa": report["overall"]["value"],
                       "kinds": {k: round(v["value"], 2) for k, v in report.items() if k != "overall"}}), flush=True)
