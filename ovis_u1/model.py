@@ -33,7 +33,13 @@ class OvisU1(nn.Module):
         self.tokenizer = tokenizer
         self.visual_tokenizer = VisualTokenizer(config.vision, config.adapter)
         self.vte = nn.Embedding(config.adapter.vocab_size, config.llm.hidden_size)
-        self.visual_positions = self.build_visual_positions(config) if config.adapter.position_buckets else None
+        self.visual_positions = None
+        if config.adapter.position_buckets:
+            # An optional module draws its initial values from a generator of its own, so turning it on
+            # leaves every other component's initialisation (an ablation's baseline) exactly as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed() + 1)
+                self.visual_positions = self.build_visual_positions(config)
         self.llm = build_llm(config.llm)
         self.refiner = TokenRefiner(config.refiner)
         self.decoder = VisualDecoder(config.decoder)
