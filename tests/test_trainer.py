@@ -477,3 +477,29 @@ def test_cells_task_names_each_cells_object_and_needs_the_shapes_world(make_tiny
     own = TaskData(resolve("smoke", [f"data.source={path}"]).data)
     with pytest.raises(ValueError, match="cells task needs shapes-world scenes"):
         own.sample("cells", 0)
+
+
+def test_fresh_model_with_another_checkpoints_vae(tmp_path):
+    """fresh_with_vae: the recipe's seeded starting model, except the VAE (weights and calibration), which
+    comes from the donor; a donor whose VAE has another shape is refused."""
+    from train.data import TaskData
+    from train.experiments.fresh_with_vae import fresh_with_vae, main
+    from train.trainer import build_model
+    donor_args = resolve("smoke", ["seed=1"])
+    donor = build_model(donor_args, TaskData(donor_args.data))
+    donor.config.vae.shift_factor, donor.config.vae.scaling_factor = 0.25, 1.5
+    donor.save_pretrained(tmp_path / "donor")
+    assert main(["--recipe", "smoke", "--vae-from", str(tmp_path / "donor"), "--out", str(tmp_path / "init")]) == 0
+    got = OvisU1.from_pretrained(tmp_path / "init")
+    args = resolve("smoke")
+    fresh = build_model(args, TaskData(args.data))
+    donor_state, fresh_state = donor.state_dict(), fresh.state_dict()
+    for name, value in got.state_dict().items():
+        want = donor_state[name] if name.startswith("vae.") else fresh_state[name]
+        assert torch.equal(value, want), name
+    assert not all(torch.equal(fresh_state[n], donor_state[n]) for n in fresh_state if n.startswith("vae."))
+    assert (got.config.vae.shift_factor, got.config.vae.scaling_factor) == (0.25, 1.5)
+    other = resolve("smoke", ["preset_overrides={vae.layers_per_block: 2}"])
+    build_model(other, TaskData(other.data)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="VAE is not shaped like"):
+        fresh_with_vae("smoke", str(tmp_path / "other"))
