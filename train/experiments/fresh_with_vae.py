@@ -37,8 +37,8 @@ def fresh_with_vae(recipe: str, vae_from: str, overrides: list[str] | None = Non
         raise ValueError(f"{vae_from}'s VAE is not shaped like the {args.preset!r} preset's: "
                          f"{donor.config.vae} against {model.config.vae}")
     model.vae.load_state_dict(donor.vae.state_dict())
-    model.config.vae = dataclasses.replace(donor.config.vae)
-    model.vae.cfg = model.config.vae
+    cfg = model.config.vae  # shared with model.vae; in place, as train.trainer.calibrate_vae sets it
+    cfg.shift_factor, cfg.scaling_factor = donor.config.vae.shift_factor, donor.config.vae.scaling_factor
     return model
 
 
