@@ -1,5 +1,5 @@
-"""How well a checkpoint's VAE reconstructs held-out shapes scenes: the figure that decides which
-`prep_vae` run to keep (a worse VAE cost the whole recipe half its mini-GenEval; README, "Understanding").
+"""How well a checkpoint's VAE reconstructs held-out shapes scenes, to compare `prep_vae` runs (README,
+"A better VAE did not lift generation": the recipe with half the reconstruction error generated no better).
 
     python -m train.experiments.vae_quality ovis_u1/default_model runs/vae_s1/final [--n 256]
 
