@@ -228,11 +228,14 @@ def _denoise_plain(model, x, img_ids, req: GenerationRequest, timesteps, callbac
     return x
 
 
-def decode_latents(model, tokens: Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
-    latents = unpack_latents(tokens, *latent_hw)
-    pixels = model.vae.decode(latents).float()
-    arr = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def pixels_to_images(pixels: Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL RGB images, as every decoded image reaches the user."""
+    arr = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def decode_latents(model, tokens: Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
+    return pixels_to_images(model.vae.decode(unpack_latents(tokens, *latent_hw)))
 
 
 # ---- text to image -----------------------------------------------------------------------------------

@@ -513,8 +513,9 @@ def test_vae_quality_tells_a_trained_vae_from_an_untrained_one(capsys):
     from train.trainer import build_model, calibrate_vae
     trained = vae_quality(OvisU1.from_pretrained(), n=16)
     args = resolve("default")
-    fresh = build_model(args, TaskData(args.data))
-    calibrate_vae(fresh, TaskData(args.data), n=32)
+    data = TaskData(args.data)
+    fresh = build_model(args, data)
+    calibrate_vae(fresh, data, n=32)
     untrained = vae_quality(fresh, n=16)
     assert trained["n"] == untrained["n"] == 16
     assert trained["read_back"] >= 0.8 and untrained["read_back"] == 0.0

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ovis_u1 import OvisU1
+from ovis_u1.inference import pixels_to_images
 from ovis_u1.shapes import ShapesWorld
 from ovis_u1.shapes.evaluate import scenes_match
 from ovis_u1.shapes.reader import read_scene
@@ -36,8 +37,7 @@ def vae_quality(model: OvisU1, n: int = 256, batch_size: int = 32, size: int = 6
         x = images_to_tensor([s.render() for s in chunk], model.device)
         rec = vae.decode(vae.encode(x)).float()
         squared += float((rec - x).pow(2).mean(dim=(1, 2, 3)).sum())
-        pixels = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for scene, image in zip(chunk, pixels):
+        for scene, image in zip(chunk, pixels_to_images(rec)):
             read_back += scenes_match(read_scene(image).scene, scene, tol=READ_BACK_TOLERANCE)
     return {"n": n, "mse": squared / n, "read_back": read_back / n}
 
