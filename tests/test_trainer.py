@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ovis_u1.model import OvisU1
 from train.config import resolve
@@ -111,7 +112,9 @@ def test_full_recipe_runs_and_saves_everything(tmp_path):
 
 
 def test_resume_after_kill_gives_the_same_losses(tmp_path):
-    stage = ["only_stages=[stage0]", "stages.stage0.steps=24", "ckpt_every=4", "log_every=1"]
+    # With a weight average on, so the resumed run must also carry the average on exactly.
+    stage = ["only_stages=[stage0]", "stages.stage0.steps=24", "stages.stage0.ema=0.9", "ckpt_every=4",
+             "log_every=1"]
     ref = tmp_path / "ref"
     subprocess.run(_cmd(f"out_dir={ref}", *stage), check=True, env=_env(), cwd=ROOT, capture_output=True)
     killed = tmp_path / "killed"
@@ -129,6 +132,40 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
     a, b = _losses(ref), _losses(killed)
     assert sorted(b) == sorted(a) == list(range(1, 25))
     assert all(a[k] == b[k] for k in a), {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    ref_weights, killed_weights = (load_file(d / "final" / "model.safetensors") for d in (ref, killed))
+    assert all(torch.equal(ref_weights[k], killed_weights[k]) for k in ref_weights)
+    # The export holds the average; the last trained weights are kept beside it.
+    raw = load_file(ref / "raw" / "stage0.safetensors")
+    assert raw and all(k.startswith(("refiner.", "decoder.")) for k in raw)
+    assert any(not torch.equal(raw[k], ref_weights[k]) for k in raw)
+    # The tool that swaps them back in, to score the two side by side.
+    from train.experiments.raw_weights import with_raw_weights
+    assert with_raw_weights(ref / "final", ref / "raw" / "stage0.safetensors", tmp_path / "raw_model") == len(raw)
+    swapped = OvisU1.from_pretrained(tmp_path / "raw_model").state_dict()
+    assert all(torch.equal(swapped[k], raw[k]) for k in raw)
+    with pytest.raises(FileNotFoundError, match="ema set"):
+        with_raw_weights(ref / "final", ref / "raw" / "stage4.safetensors", tmp_path / "none")
+
+
+def test_weight_average_warms_up_then_follows_its_decay():
+    from train.trainer import WeightAverage
+    layer = torch.nn.Linear(2, 1, bias=False)
+    layer.weight.data.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]):
+        layer.weight.data.fill_(value)
+        average.update(n)
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * value
+        assert average.shadow["weight"][0, 0].item() == pytest.approx(expected)
+    assert decay == 0.5  # the warm-up reached the set decay within these steps
+    average.copy_to_model()
+    assert layer.weight[0, 0].item() == pytest.approx(expected)
+    with pytest.raises(RuntimeError, match="another stage"):
+        average.load({"other": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"ema is the averaging decay"):
+        resolve("smoke", ["stages.stage0.ema=1.0"])
 
 
 def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_fresh, monkeypatch):
@@ -145,7 +182,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, tiny_model_fres
         save_checkpoint(tmp_path, tiny_model_fresh, None, TrainState(global_step=6), args, gen, keep=2)
     assert latest_checkpoint(tmp_path) == good
     assert not (tmp_path / "checkpoints" / "step_0000006").exists()
-    _model, state, _, _ = trainer.load_checkpoint(good, args)
+    _model, state, *_ = trainer.load_checkpoint(good, args)
     assert state.global_step == 3
 
 

@@ -25,6 +25,10 @@ class StageArgs:
     # The VQA questions' kinds and their shares (shapes world only), e.g. {relation: 0.75, side: 0.25};
     # "mix" stands for the world's usual mixture. Empty: the usual mixture throughout.
     vqa_kinds: dict[str, float] = field(default_factory=dict)
+    # Decay of an exponential moving average of the stage's trainable weights (0: none). The stage then
+    # ends by putting the averaged weights in the model, so the next stage and the export start from
+    # them; the last trained weights are kept beside, in out_dir/raw/<stage>.safetensors.
+    ema: float = 0.0
 
     def validate(self) -> None:
         bad = [c for c in self.trainable if c not in COMPONENTS]
@@ -37,6 +41,9 @@ class StageArgs:
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"stage {self.name!r}: need steps >= 0, batch_size >= 1, lr > 0; got "
                              f"{self.steps}, {self.batch_size}, {self.lr}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+            raise ValueError(f"stage {self.name!r}: ema is the averaging decay, a number in [0, 1) (0 for none, "
+                             f"e.g. 0.999), got {self.ema!r}")
         kinds = ("mix", *TRAIN_VQA_KINDS)
         if not isinstance(self.vqa_kinds, dict) or any(
                 k not in kinds or isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")

@@ -163,6 +163,37 @@ def calibrate_vae(model: OvisU1, data: TaskData, n: int = 256) -> None:
     cfg.shift_factor, cfg.scaling_factor = float(z.mean()), float(1.0 / z.std())
 
 
+class WeightAverage:
+    """An exponential moving average of a stage's trainable weights, kept in float32 beside them.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the first steps, far from
+    where training ends, fade out quickly; n is the stage step, so a resumed run averages exactly as
+    an uninterrupted one."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, updates_done: int) -> None:
+        decay = min(self.decay, (1 + updates_done) / (10 + updates_done))
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names],
+                             [self.params[n].detach().float() for n in names], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for n, p in self.params.items():
+            p.copy_(self.shadow[n].to(p.dtype))
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if set(tensors) != set(self.shadow):
+            raise RuntimeError(f"the checkpoint's weight average covers {len(tensors)} tensors, the stage trains "
+                               f"{len(self.shadow)}: it belongs to another stage or model")
+        self.shadow = {n: t.float().clone() for n, t in tensors.items()}
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------------
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -171,7 +202,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, args: TrainArgs,
-                    generator: torch.Generator, keep: int) -> Path:
+                    generator: torch.Generator, keep: int, average: WeightAverage | None = None) -> Path:
     """Write into a temp folder, rename it into place, then move the `latest` pointer: a crash at any
     moment leaves the previous checkpoint intact and pointed to."""
     ckpts = out_dir / "checkpoints"
@@ -185,6 +216,8 @@ def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, 
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if average is not None:
+        save_file({n: t.contiguous().cpu() for n, t in average.shadow.items()}, tmp / "ema.safetensors")
     save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
     args.save(tmp / "train_config.json")
@@ -225,7 +258,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, args: TrainArgs) -> tuple[OvisU1, TrainState, dict | None, torch.Tensor]:
+def load_checkpoint(path: Path, args: TrainArgs
+                    ) -> tuple[OvisU1, TrainState, dict | None, torch.Tensor, dict[str, torch.Tensor] | None]:
     from transformers import PreTrainedTokenizerFast
     config = OvisU1Config.from_dict(json.loads((path / "model_config.json").read_text()))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
@@ -242,7 +276,8 @@ def load_checkpoint(path: Path, args: TrainArgs) -> tuple[OvisU1, TrainState, di
     if (path / "optimizer.safetensors").exists():
         opt = _unflatten_optimizer(load_file(path / "optimizer.safetensors"),
                                    json.loads((path / "optimizer.json").read_text()))
-    return model, state, opt, load_file(path / "rng.safetensors")["generator"]
+    ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+    return model, state, opt, load_file(path / "rng.safetensors")["generator"], ema
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -276,10 +311,10 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
     stages = scaled_stages(args)
     data = TaskData(args.data)
     generator = torch.Generator()
-    opt_state = None
+    opt_state = ema_state = None
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        model, state, opt_state, rng = load_checkpoint(ckpt, args)
+        model, state, opt_state, rng, ema_state = load_checkpoint(ckpt, args)
         generator.set_state(rng)
         _truncate_log(out_dir / "log.jsonl", state.global_step)
     else:
@@ -304,6 +339,13 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
             opt_state = None
+        average = WeightAverage(model, stage.ema) if stage.ema else None
+        if average is not None and ema_state is not None:
+            average.load(ema_state)
+        elif average is not None and state.stage_step and main:
+            warnings.warn(f"resuming {stage.name} at step {state.stage_step} from a checkpoint without a weight "
+                          "average: the average starts again from the current weights", stacklevel=2)
+        ema_state = None
         module, optimizer = accelerator.prepare(
             TrainingModule(model, args.data, precision), optimizer)
         log.stage(stage, len(trainable), sum(p.numel() for p in params))
@@ -326,10 +368,18 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
                 accelerator.clip_grad_norm_(params, args.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(state.stage_step)
             state.stage_step += 1
             state.global_step += 1
             log.step(state, stage, float(loss.detach()), parts, optimizer.param_groups[0]["lr"],
                      sum(len(b) for b in batches.values()) * world / (time.perf_counter() - t0), args.log_every)
+            if state.stage_step == stage.steps and average is not None:
+                if main:  # the last trained weights, for comparing them with the average
+                    (out_dir / "raw").mkdir(exist_ok=True)
+                    save_file({n: p.detach().contiguous().cpu() for n, p in average.params.items()},
+                              out_dir / "raw" / f"{stage.name}.safetensors")
+                average.copy_to_model()
             if state.stage_step == stage.steps and "vae" in stage.trainable:
                 calibrate_vae(model, data)
             if state.stage_step == stage.steps:
@@ -337,7 +387,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
                 state.stage_step = 0
             if main and (state.global_step % args.ckpt_every == 0 or state.stage_step == 0):
                 save_checkpoint(out_dir, model, optimizer if state.stage_step else None, state, args, generator,
-                                args.keep_checkpoints)
+                                args.keep_checkpoints, average if state.stage_step else None)
             accelerator.wait_for_everyone()
             if state.stage_step == 0:
                 break
