@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -195,10 +196,15 @@ class WeightAverage:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """`write(tmp)` beside `path`, then rename it into place: a crash leaves the old file or none."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, args: TrainArgs,
@@ -374,15 +380,15 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
             state.global_step += 1
             log.step(state, stage, float(loss.detach()), parts, optimizer.param_groups[0]["lr"],
                      sum(len(b) for b in batches.values()) * world / (time.perf_counter() - t0), args.log_every)
-            if state.stage_step == stage.steps and average is not None:
-                if main:  # the last trained weights, for comparing them with the average
-                    (out_dir / "raw").mkdir(exist_ok=True)
-                    save_file({n: p.detach().contiguous().cpu() for n, p in average.params.items()},
-                              out_dir / "raw" / f"{stage.name}.safetensors")
-                average.copy_to_model()
-            if state.stage_step == stage.steps and "vae" in stage.trainable:
-                calibrate_vae(model, data)
             if state.stage_step == stage.steps:
+                if average is not None:
+                    if main:  # the last trained weights, for comparing them with the average
+                        raw = {n: p.detach().contiguous().cpu() for n, p in average.params.items()}
+                        (out_dir / "raw").mkdir(exist_ok=True)
+                        _atomic_write(out_dir / "raw" / f"{stage.name}.safetensors", partial(save_file, raw))
+                    average.copy_to_model()
+                if "vae" in stage.trainable:
+                    calibrate_vae(model, data)
                 state.stage_index += 1
                 state.stage_step = 0
             if main and (state.global_step % args.ckpt_every == 0 or state.stage_step == 0):
