@@ -233,7 +233,7 @@ def _tiny() -> OvisU1Config:
         llm=LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       max_position_embeddings=1024, rope_theta=10000.0),
-        refiner=RefinerConfig(in_dim=128, hidden_size=64, num_heads=4, depth=2),
+        refiner=RefinerConfig(in_dim=128, hidden_size=64, num_heads=8, depth=2),  # published rule: 2 x decoder heads
         decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=64, num_heads=4, depth=1,
                               depth_single_blocks=1, axes_dim=(4, 6, 6), vec_in_dim=64,
                               context_in_dim=128),

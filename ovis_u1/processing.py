@@ -462,12 +462,21 @@ def understanding_example(tokenizer: Any, question: str, answer: str, num_images
     tail = tokenizer.encode("\n", add_special_tokens=False)
     ids: list[int] = []
     labels: list[int] = []
-    for user, a in [*past, (final, answer)]:
-        prompt = tokenize_prompt(tokenizer, user)
-        # Tokenised separately so the label boundaries are exact token boundaries.
-        target = tokenizer.encode(a + "<|im_end|>", add_special_tokens=False)
-        ids += prompt + target + tail
-        labels += [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
+    for user, a in past:
+        # An earlier turn is tokenised whole, as inference tokenises the prompt that holds it (a byte-level
+        # BPE may merge the think block's last newline into the answer); the labels start where its ids
+        # leave those of the header alone.
+        turn = tokenize_prompt(tokenizer, user + a + "<|im_end|>")
+        header = tokenize_prompt(tokenizer, user)
+        n = next((i for i, (x, y) in enumerate(zip(turn, header)) if x != y), len(header))
+        ids += turn + tail
+        labels += [IGNORE_ID] * n + turn[n:] + [IGNORE_ID] * len(tail)
+    # The last turn ends the inference prompt right after its header, so header and answer are tokenised
+    # apart: the label boundary is then an exact token boundary.
+    prompt = tokenize_prompt(tokenizer, final)
+    target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    ids += prompt + target + tail
+    labels += [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
     return ids, labels
 
 
