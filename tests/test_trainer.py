@@ -451,7 +451,7 @@ def test_token_weights_make_a_weighted_mean_of_the_token_errors(tiny_model_fresh
     lam, n, k = 4.0, m.numel(), float(m.sum())
     assert loss(1 + lam * m) == pytest.approx((plain * n + lam * on_m * k) / (n + lam * k), rel=1e-5)
     assert on_m != pytest.approx(plain)
-    with pytest.raises(ValueError, match=r"data.edit_change_weight must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"data.edit_change_weight must be a number in \[0, inf\), got -1"):
         resolve("smoke", ["data.edit_change_weight=-1"])
 
 
