@@ -411,7 +411,7 @@ def _train(args: TrainArgs, accelerator, out_dir: Path, stages: list[StageArgs],
             step = f"{stage.name} step {state.stage_step + 1} (global step {state.global_step + 1})"
             if not _everywhere(accelerator, bool(torch.isfinite(loss.detach()))):
                 losses = ", ".join(f"{t} {v:g}" for t, v in parts.items())
-                raise RunError(_non_finite_message(f"{step}: the loss is {float(loss):g} ({losses})", out_dir))
+                raise RunError(_non_finite_message(f"{step}: the loss is {float(loss.detach()):g} ({losses})", out_dir))
             accelerator.backward(loss)
             if args.optim.grad_clip:
                 norm = accelerator.clip_grad_norm_(params, args.optim.grad_clip)
