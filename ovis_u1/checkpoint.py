@@ -222,13 +222,7 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
         raise ValueError(f"layout {layout!r}; choose 'own' or 'published'")
     path = Path(path)
     _restore_interrupted(path)
-    # The save replaces the checkpoint at `path` (keeping the user's other files), so never let `path` be a
-    # file or a folder of something else.
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path} is a file; save_pretrained writes a checkpoint directory")
-    if path.is_dir() and not (path / "config.json").exists() and any(path.iterdir()):
-        raise CheckpointError(f"{path} is a non-empty directory that holds no checkpoint (no config.json); "
-                              "refusing to replace its contents: save to a new or empty directory")
+    check_save_target(path)
     tmp = _atomic_dir(path)
     try:
         sd = state_for_saving(model)
@@ -248,6 +242,17 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_save_target(path: Path) -> None:
+    """The save replaces the checkpoint at `path` (keeping the user's other files), so never let `path` be a
+    file or a folder of something else. Callers that save at the end of long work check it up front."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; save_pretrained writes a checkpoint directory")
+    if path.is_dir() and not (path / "config.json").exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is a non-empty directory that holds no checkpoint (no config.json); "
+                              "refusing to replace its contents: save to a new or empty directory")
 
 
 def _save_sharded(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:

@@ -765,3 +765,21 @@ def test_own_data_of_mixed_sizes_trains_every_stage_that_uses_it(tmp_path):
     train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", f"data.source={path}",
                             "only_stages=[stage5]", "stages.stage5.steps=3", "stages.stage5.batch_size=6"]))
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_an_export_target_it_cannot_replace_stops_the_run_before_training(tmp_path):
+    from train.trainer import RunError
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("keep")
+    with pytest.raises(RunError, match=r"export: .*work is a non-empty directory that holds no checkpoint"):
+        train(resolve("smoke", _stage0(tmp_path / "run", f"export={work}")))
+    assert not (tmp_path / "run" / "log.jsonl").exists() and (work / "thesis.tex").read_text() == "keep"
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(resolve("smoke", _stage0(out)))
+    (latest_checkpoint(out) / "model.safetensors").write_bytes(b"\x00 not safetensors")
+    code, line = _run_main(capsys, *_stage0(out), "--resume")
+    assert code == 1 and "cannot resume from" in line and "step_0000002" in line and "damaged" in line

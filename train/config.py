@@ -227,6 +227,11 @@ def check(args: TrainArgs) -> None:
     if not isinstance(args.preset_overrides, dict):
         raise SettingsError("preset_overrides must be a mapping of 'section.field' to values, "
                             f"got {args.preset_overrides!r}")
+    # Before the data checks: with vqa_kinds set, what is wrong is the choice of source, not the file.
+    kinds = [s.name for s in args.stages if s.vqa_kinds]
+    if kinds and args.data.source != "shapes":
+        raise SettingsError(f"stages {kinds} set vqa_kinds, but vqa_kinds choose shapes-world questions and "
+                            f"data.source is {args.data.source!r}; drop them or train on data.source=shapes")
     _check_data(args.data)
     _check_optim(args.optim)
     _check_lora(args.lora)
@@ -244,10 +249,6 @@ def check(args: TrainArgs) -> None:
         unknown = [n for n in args.only_stages if n not in names]
         if unknown:
             raise SettingsError(f"only_stages names unknown stages {unknown}; have {names}")
-    kinds = [s.name for s in args.stages if s.vqa_kinds]
-    if kinds and args.data.source != "shapes":
-        raise SettingsError(f"stages {kinds} set vqa_kinds, but vqa_kinds choose shapes-world questions and "
-                            f"data.source is {args.data.source!r}; drop them or train on data.source=shapes")
 
 
 def _check_data(data: DataArgs) -> None:
@@ -265,8 +266,8 @@ def _check_data(data: DataArgs) -> None:
     if data.source != "shapes":
         path = Path(data.source)
         if not path.exists():
-            raise SettingsError(f"data.source {data.source!r} does not exist; give a JSONL file (see README, "
-                                "'Training on your own data') or 'shapes'")
+            raise SettingsError(f"data.source {data.source!r} does not exist; give a JSONL file of own "
+                                "data (README, 'Training') or 'shapes'")
         if not path.is_file():
             raise SettingsError(f"data.source {data.source!r} is not a regular file; give a JSONL file, one "
                                 "record a line")

@@ -22,11 +22,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ovis_u1.acceleration import bf16_is_native
-from ovis_u1.checkpoint import state_for_saving
+from ovis_u1.checkpoint import CheckpointError, check_save_target, state_for_saving
 from ovis_u1.config import OvisU1Config
 from ovis_u1.model import OvisU1
 
@@ -339,6 +340,10 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
             out_dir.mkdir(parents=True, exist_ok=True)
             lock = _lock_run(out_dir)
             _check_fresh_or_resumed(out_dir, resume)
+            try:  # the export comes last: a target it cannot replace must stop the run now, not hours later
+                check_save_target(Path(args.export) if args.export else out_dir / "final")
+            except CheckpointError as e:
+                raise RunError(f"export: {e}") from None
             _remove_stale_temps(out_dir)
             args.save(out_dir / "train_config.json")
     try:
@@ -355,7 +360,11 @@ def _train(args: TrainArgs, accelerator, out_dir: Path, stages: list[StageArgs],
     opt_state = ema_state = None
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        model, state, opt_state, rng, ema_state = load_checkpoint(ckpt, args)
+        try:
+            model, state, opt_state, rng, ema_state = load_checkpoint(ckpt, args)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise RunError(f"cannot resume from {ckpt}: {' '.join(str(e).split())[:300]}; it is damaged, so point "
+                           f"{out_dir / 'checkpoints' / 'latest'} at the one before it (or remove --resume)") from e
         generator.set_state(rng)
         if main:
             with _writing(out_dir, "rewrite log.jsonl"):
