@@ -475,8 +475,8 @@ _POSITIVE_INTS = {
     "context_in_dim", "time_embed_dim", "latent_channels", "block_out_channels", "layers_per_block",
     "norm_num_groups", "height", "width", "num_inference_steps", "size_multiple", "min_side", "max_side",
     "edit_max_pixels", "blank_image_max_pixels", "max_new_tokens", "multimodal_max_length",
-    "fast_num_inference_steps", "window_size", "depth", "num_layers", "num_hidden_layers",
-}
+    "fast_num_inference_steps", "window_size",
+}  # block counts (depth, num_layers, ...) may be 0: a refiner of depth 0 is an ablation the project trains
 _POSITIVE_FLOATS = {"norm_eps", "rms_norm_eps", "rope_theta", "mlp_ratio", "min_t", "scaling_factor", "image_std"}
 _NON_NEGATIVE_FLOATS = {"guidance_scale", "edit_guidance_scale", "image_guidance_scale", "fast_cache_threshold"}
 _FIXED_LENGTH = {"image_mean": 3, "image_std": 3, "fast_guidance_interval": 2}
