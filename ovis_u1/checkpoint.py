@@ -174,7 +174,7 @@ def config_from_published(d: dict, preprocessor: dict | None = None) -> OvisU1Co
         adapter.image_mean = tuple(preprocessor.get("image_mean", adapter.image_mean))
         adapter.image_std = tuple(preprocessor.get("image_std", adapter.image_std))
     llm = _pick(LLMConfig, {**dataclasses.asdict(full.llm), **d.get("llm_config", {})})
-    if "hidden_size" in d and d["hidden_size"] is not None and d["hidden_size"] != llm.hidden_size:
+    if isinstance(llm.hidden_size, int) and d.get("hidden_size") is not None and d["hidden_size"] != llm.hidden_size:
         raise CheckpointError(f"config.json: top-level hidden_size {d['hidden_size']} differs from "
                               f"llm_config.hidden_size {llm.hidden_size} (the published model asserts they match)")
     decoder = _pick(DecoderConfig, {**dataclasses.asdict(full.decoder), **gen})

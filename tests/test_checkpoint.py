@@ -522,6 +522,7 @@ BAD_CONFIGS = {
     "pub-image-size": ("published", _set("visual_tokenizer_config.backbone_config.image_size", "448"),
                        r"config\.json: a field of the wrong type"),
     "pub-max-length": ("published", _set("multimodal_max_length", None), r"multimodal_max_length must be an int"),
+    "pub-hidden-size": ("published", _set("hidden_size", 65), r"top-level hidden_size 65 differs from llm_config"),
 }
 
 
