@@ -43,7 +43,6 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 PUBLISHED_PREFIXES = {
     "visual_tokenizer.": "visual_tokenizer.",
     "vte.": "vte.",
-    "visual_positions.": "visual_positions.",  # a departure; absent from published checkpoints
     "llm.": "llm.",
     "refiner.": "visual_generator.backbone.txt_in.",
     "decoder.": "visual_generator.backbone.",
@@ -136,8 +135,6 @@ def published_departures(cfg: OvisU1Config) -> list[str]:
                    f"published one (2 blocks of 2 x {dec.num_heads} decoder heads, width {dec.hidden_size})")
     if dec.prediction != "velocity":
         out.append(f"its decoder predicts the {dec.prediction!r}, the published one the velocity")
-    if cfg.adapter.position_buckets:
-        out.append("it has visual position embeddings, which the published model lacks")
     return out
 
 

@@ -53,12 +53,6 @@ class AdapterConfig:
     hidden_stride: int = 2
     tokenize_function: str = "softmax"
     num_indicators: int = 4  # reserved zero-probability columns for the image indicator ids
-    # A departure from the published model, off there (0): learned embeddings of each visual token's image
-    # (its order among the prompt's images, up to max_images) and of its row and column in its image's token
-    # grid (this many buckets each), added to its embedding. Attention values carry no RoPE position, so
-    # without them a small LLM cannot tell which image, or where in it, a token it attends to came from.
-    position_buckets: int = 0
-    max_images: int = 4
     # Image processing bounds (smart_resize) and normalisation belong to the visual tokenizer.
     min_pixels: int = 448 * 448
     max_pixels: int = 1792 * 1792

@@ -58,52 +58,6 @@ def indicator_row(vocab_size: int, k: int) -> int:
     return vocab_size - len(INDICATOR_IDS) - 1 + k
 
 
-class VisualPositions(torch.nn.Module):
-    """Learned image-index, row and column embeddings for visual tokens (`AdapterConfig.position_buckets`).
-
-    Not in the published model. Initialised N(0, 1), as nn.Embedding initialises the VTE, whose rows they
-    are added to. Rows and columns are bucketed relative to the image's token grid, so any image size maps
-    onto the same `buckets` x `buckets` table; images past `max_images` in one prompt share the last index.
-    """
-
-    def __init__(self, buckets: int, max_images: int, hidden_size: int, hidden_stride: int):
-        super().__init__()
-        if buckets < 1 or max_images < 1:
-            raise ValueError(f"position_buckets and max_images must be >= 1, got {buckets} and {max_images}")
-        self.buckets, self.max_images, self.hidden_stride = buckets, max_images, hidden_stride
-        self.image = torch.nn.Embedding(max_images, hidden_size)
-        self.row = torch.nn.Embedding(buckets, hidden_size)
-        self.col = torch.nn.Embedding(buckets, hidden_size)
-
-    def ids(self, input_ids: Tensor, grid_thws) -> tuple[Tensor, Tensor, Tensor]:
-        """(image index, row bucket, column bucket) of every visual atom, in batch row-major order."""
-        atoms = input_ids == VISUAL_ATOM_ID
-        starts = (input_ids == INDICATOR_IDS[0]).long().cumsum(-1) - 1
-        image = starts.clamp(0, self.max_images - 1)[atoms]
-        rows, cols = [], []
-        for _, h, w in grid_thws:
-            gh, gw = h // self.hidden_stride, w // self.hidden_stride
-            j = torch.arange(gh * gw, device=input_ids.device)
-            rows.append(j // gw * self.buckets // gh)
-            cols.append(j % gw * self.buckets // gw)
-        row = torch.cat(rows) if rows else image.new_zeros(0)
-        col = torch.cat(cols) if cols else image.new_zeros(0)
-        return image, row, col
-
-    def forward(self, embeds: Tensor, input_ids: Tensor, grid_thws) -> Tensor:
-        """Embeddings [B, L, D] with the visual atoms' position embeddings added."""
-        atoms = input_ids == VISUAL_ATOM_ID
-        image, row, col = self.ids(input_ids, grid_thws)
-        if image.numel() != row.numel():
-            raise ValueError(f"prompt has {image.numel()} visual-token positions but the grids give {row.numel()}")
-        if not image.numel():
-            return embeds
-        add = self.image(image) + self.row(row) + self.col(col)
-        embeds = embeds.clone()
-        embeds[atoms] = embeds[atoms] + add.to(embeds.dtype)
-        return embeds
-
-
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that start at 0 on each row's first real token (left padding safe)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

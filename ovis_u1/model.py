@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import OvisU1Config, get_preset
 from .decoder import VisualDecoder
-from .llm import VisualPositions, build_llm, condition_hidden_states, embed_multimodal
+from .llm import build_llm, condition_hidden_states, embed_multimodal
 from .refiner import TokenRefiner
 from .vae import VAE
 from .vision import VisualTokenizer
@@ -33,13 +33,6 @@ class OvisU1(nn.Module):
         self.tokenizer = tokenizer
         self.visual_tokenizer = VisualTokenizer(config.vision, config.adapter)
         self.vte = nn.Embedding(config.adapter.vocab_size, config.llm.hidden_size)
-        self.visual_positions = None
-        if config.adapter.position_buckets:
-            # An optional module draws its initial values from a generator of its own, so turning it on
-            # leaves every other component's initialisation (an ablation's baseline) exactly as it was.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch.initial_seed() + 1)
-                self.visual_positions = self.build_visual_positions(config)
         self.llm = build_llm(config.llm)
         self.refiner = TokenRefiner(config.refiner)
         self.decoder = VisualDecoder(config.decoder)
@@ -57,11 +50,6 @@ class OvisU1(nn.Module):
         bad = [f"{k}={got} but must equal {what}={want}" for k, (got, want, what) in needs.items() if got != want]
         if bad:
             raise ValueError("inconsistent config: " + "; ".join(bad))
-
-    @staticmethod
-    def build_visual_positions(config: OvisU1Config) -> VisualPositions:
-        a = config.adapter
-        return VisualPositions(a.position_buckets, a.max_images, config.llm.hidden_size, a.hidden_stride)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -95,9 +83,7 @@ class OvisU1(nn.Module):
         return {
             "vision": self.visual_tokenizer.backbone,
             "adapter": self.visual_tokenizer.head,
-            # The visual positions (a departure, off in the published model) embed visual tokens, as the VTE
-            # does, and train with it.
-            "vte": self.vte if self.visual_positions is None else nn.ModuleList([self.vte, self.visual_positions]),
+            "vte": self.vte,
             "llm": self.llm,
             "refiner": self.refiner,
             "decoder": self.decoder,
@@ -129,10 +115,7 @@ class OvisU1(nn.Module):
 
     def embed(self, input_ids: Tensor, patches: list[Tensor], grid_thws) -> Tensor:
         input_ids = input_ids.to(self.device)
-        embeds = embed_multimodal(self.llm, self.vte, input_ids, self.visual_tokens(patches, grid_thws))
-        if self.visual_positions is not None:
-            embeds = self.visual_positions(embeds, input_ids, grid_thws)
-        return embeds
+        return embed_multimodal(self.llm, self.vte, input_ids, self.visual_tokens(patches, grid_thws))
 
     def condition(self, input_ids: Tensor, attention_mask: Tensor, patches: list[Tensor], grid_thws) -> Tensor:
         """Generation condition [B, L, 2 x llm hidden] over every prompt token, image tokens included."""

@@ -257,18 +257,18 @@ def test_a_stage_can_ask_for_chosen_question_kinds():
 def test_preset_overrides_change_the_built_model(tmp_path):
     from ovis_u1.config import get_preset
     from train.trainer import override_config
-    config = override_config(get_preset("tiny"), {"adapter.position_buckets": 3, "llm.num_hidden_layers": 1})
-    assert config.adapter.position_buckets == 3 and config.llm.num_hidden_layers == 1
-    assert get_preset("tiny").adapter.position_buckets == 0  # presets are not changed in place
+    config = override_config(get_preset("tiny"), {"refiner.depth": 1, "llm.num_hidden_layers": 1})
+    assert config.refiner.depth == 1 and config.llm.num_hidden_layers == 1
+    assert get_preset("tiny").refiner.depth == 2  # presets are not changed in place
     with pytest.raises(ValueError, match="adapter has no field 'nope'"):
         override_config(get_preset("tiny"), {"adapter.nope": 1})
     with pytest.raises(ValueError, match=r"must be 'section\.field'"):
         override_config(get_preset("tiny"), {"wings.span": 1})
-    args = resolve("smoke", ["preset_overrides={adapter.position_buckets: 2}"])
+    args = resolve("smoke", ["preset_overrides={refiner.depth: 1}"])
     from train.data import TaskData
     from train.trainer import build_model
     model = build_model(args, TaskData(args.data))
-    assert model.visual_positions is not None and model.visual_positions.buckets == 2
+    assert len(model.refiner.individual_token_refiner.blocks) == 1
 
 
 def test_own_jsonl_data_with_bad_records(tmp_path):
@@ -406,66 +406,6 @@ def test_recipe_time_estimates_every_stage(capsys):
     assert total == pytest.approx(sum(float(s[-2]) for s in stages), abs=0.1)
     with pytest.raises(SystemExit):
         recipe_time.main(["--recipe", "smoke", "--steps", "2"])
-
-
-def test_changed_tokens_are_the_decoder_tokens_an_edit_repaints():
-    """A token is 2x2 packed latents, i.e. an 8x8 pixel block of a 64x64 image under the shapes VAE."""
-    import numpy as np
-
-    from ovis_u1.shapes import EDIT_KINDS, ShapesWorld
-    from train.losses import changed_tokens
-    world = ShapesWorld(split="heldout")
-    samples = [world.edit(i, kind) for i, kind in enumerate(EDIT_KINDS)]
-    changed = changed_tokens([s.source for s in samples], [s.target for s in samples], (16, 16))
-    assert changed.shape == (len(samples), 64) and changed.dtype == torch.bool
-    for s, row in zip(samples, changed):
-        diff = np.any(np.asarray(s.source) != np.asarray(s.target), axis=-1)
-        expected = [diff[8 * r:8 * r + 8, 8 * c:8 * c + 8].any() for r in range(8) for c in range(8)]
-        assert row.tolist() == expected and 0 < int(row.sum()) < 64
-    same = changed_tokens([samples[0].source], [samples[0].source], (16, 16))
-    assert not same.any()
-
-
-def test_token_weights_make_a_weighted_mean_of_the_token_errors(tiny_model_fresh):
-    """flow_loss with weights w is sum(w * err) / sum(w) over the same noise and t: all ones is the plain
-    loss, and weights 1 + lam * m mix the plain loss and the loss on the m tokens exactly."""
-    from ovis_u1.inference import encode_conditions
-    from ovis_u1.processing import blank_image, t2i_prompts
-    from train.losses import flow_loss
-
-    model = tiny_model_fresh
-    torch.manual_seed(0)
-    x0 = torch.randn(2, 16, model.decoder.cfg.in_channels)
-    cond, mask = encode_conditions(model, [t2i_prompts(c, "")[0] for c in ("a red circle", "two squares")],
-                                   [blank_image(32, 32, 32 * 32)] * 2)
-    m = torch.zeros(2, 16)
-    m[0, 3] = m[1, :5] = 1
-
-    def loss(weights):
-        with torch.no_grad():
-            return float(flow_loss(model, x0, cond, mask, (8, 8), generator=torch.Generator().manual_seed(3),
-                                   token_weights=weights))
-
-    plain, on_m = loss(None), loss(m)
-    assert loss(torch.ones(2, 16)) == pytest.approx(plain, rel=1e-6)
-    lam, n, k = 4.0, m.numel(), float(m.sum())
-    assert loss(1 + lam * m) == pytest.approx((plain * n + lam * on_m * k) / (n + lam * k), rel=1e-5)
-    assert on_m != pytest.approx(plain)
-    with pytest.raises(ValueError, match=r"data.edit_change_weight must be a number in \[0, inf\), got -1"):
-        resolve("smoke", ["data.edit_change_weight=-1"])
-
-
-def test_edit_change_weight_reaches_the_edit_loss(tmp_path):
-    """data.edit_change_weight changes the logged edit loss of the same first step, and nothing else."""
-    logs = {}
-    for weight in (0, 4):
-        out = tmp_path / f"w{weight}"
-        train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", "log_every=1",
-                                "only_stages=[stage5]", "stages.stage5.steps=1",
-                                f"data.edit_change_weight={weight}"]))
-        logs[weight] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    assert logs[0]["loss_t2i"] == logs[4]["loss_t2i"]
-    assert logs[0]["loss_edit"] != logs[4]["loss_edit"]
 
 
 def test_steps_for_budget(monkeypatch):

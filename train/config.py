@@ -32,10 +32,6 @@ class DataArgs:
     image_size: int = 64
     seed: int = 0
     cond_dropout: float = 0.1  # per condition branch (editing drops text, and text + image, each this often)
-    # Editing's x0 loss weighs the decoder tokens whose pixels the edit changes (1 + this) against the
-    # tokens it must copy (1); 0 is the plain mean. Most of a target is copied, so the plain loss spends
-    # little on what the instruction asks (README, "The default model").
-    edit_change_weight: float = 0.0
     lm_corpus_lines: int = 20000
     vqa_history: float = 0.3  # shapes VQA samples (single-image) that continue a conversation of 1-2 turns
 
@@ -65,7 +61,7 @@ class LoRAArgs:
 @dataclass
 class TrainArgs:
     preset: str = "shapes"
-    # Changes to the preset's model config, "section.field": value (e.g. {"adapter.position_buckets": 4});
+    # Changes to the preset's model config, "section.field": value (e.g. {"refiner.depth": 0});
     # ignored with `init`, whose checkpoint brings its own config.
     preset_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # checkpoint directory to start from instead of a random preset
@@ -258,7 +254,6 @@ def _check_data(data: DataArgs) -> None:
                             f"got {data.image_size}")
     _number(data, "seed", 0, MAX_SEED, integer=True, where="data.")
     _number(data, "lm_corpus_lines", 1, None, integer=True, where="data.")
-    _number(data, "edit_change_weight", 0, None, where="data.")
     for name, hi in (("cond_dropout", 0.5), ("vqa_history", 1.0)):  # fractions of the samples
         _number(data, name, 0, hi, where="data.")
     if not isinstance(data.source, str) or not data.source:

@@ -61,10 +61,8 @@ def sample_t(n: int, device, generator: torch.Generator | None = None) -> Tensor
 
 
 def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Tensor | None = None,
-              ref_mask: Tensor | None = None, generator: torch.Generator | None = None,
-              token_weights: Tensor | None = None) -> Tensor:
-    """Rectified-flow loss on packed tokens x0 [B, L, C]; x_t = (1 - t) x0 + t noise, velocity noise - x0.
-    token_weights [B, L] turns the mean over tokens into a weighted mean."""
+              ref_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Rectified-flow loss on packed tokens x0 [B, L, C]; x_t = (1 - t) x0 + t noise, velocity noise - x0."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = sample_t(b, x0.device, generator).to(x0.dtype)
@@ -81,22 +79,7 @@ def flow_loss(model, x0: Tensor, cond: Tensor, mask: Tensor, latent_hw, ref: Ten
         pred, target = model.decoder.clean_latent(v, xt, t).float(), x0.float()
     else:
         pred, target = v.float(), (noise - x0).float()
-    if token_weights is None:
-        return F.mse_loss(pred, target)
-    per_token = (pred - target).pow(2).mean(dim=-1)  # [B, L]
-    return (per_token * token_weights).sum() / token_weights.sum()
-
-
-def changed_tokens(sources: list[Image.Image], targets: list[Image.Image], latent_hw) -> Tensor:
-    """[B, L] True for the decoder tokens (2x2 packed latents, row-major) whose pixels differ between
-    source and target: what an edit changes, as opposed to what it copies."""
-    h, w = latent_hw[0] // 2, latent_hw[1] // 2
-    rows = []
-    for src, tgt in zip(sources, targets):
-        diff = np.any(np.asarray(src.convert("RGB")) != np.asarray(tgt.convert("RGB")), axis=-1)
-        ph, pw = diff.shape[0] // h, diff.shape[1] // w
-        rows.append(diff[:h * ph, :w * pw].reshape(h, ph, w, pw).any(axis=(1, 3)).reshape(-1))
-    return torch.from_numpy(np.stack(rows))
+    return F.mse_loss(pred, target)
 
 
 @torch.no_grad()
@@ -117,10 +100,8 @@ def t2i_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0
     return flow_loss(model, x0, cond, mask, hw, generator=generator)
 
 
-def edit_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0.1,
-              change_weight: float = 0.0) -> Tensor:
-    """Each row draws one of the three editing conditions: cond / no_txt (p) / no_both (p). With
-    change_weight > 0 the tokens the edit changes weigh 1 + change_weight, the copied ones 1."""
+def edit_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0.1) -> Tensor:
+    """Each row draws one of the three editing conditions: cond / no_txt (p) / no_both (p)."""
     x0, hw = encode_latents(model, [s.target for s in samples])
     ref, _ = encode_latents(model, [s.source for s in samples])
     u = torch.rand(len(samples), generator=generator)
@@ -137,12 +118,7 @@ def edit_loss(model, samples, generator: torch.Generator, cond_dropout: float = 
             sees_ref.append(True)
     cond, mask = _conditions(model, texts, images)
     ref_mask = torch.tensor(sees_ref, device=ref.device)[:, None].expand(-1, ref.shape[1])
-    weights = None
-    if change_weight:
-        changed = changed_tokens([s.source for s in samples], [s.target for s in samples], hw)
-        weights = (1 + change_weight * changed.float()).to(x0.device)
-    return flow_loss(model, x0, cond, mask, hw, ref=ref.to(x0.dtype), ref_mask=ref_mask, generator=generator,
-                     token_weights=weights)
+    return flow_loss(model, x0, cond, mask, hw, ref=ref.to(x0.dtype), ref_mask=ref_mask, generator=generator)
 
 
 def vqa_loss(model, samples, generator: torch.Generator | None = None) -> Tensor:

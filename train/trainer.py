@@ -60,8 +60,7 @@ class TrainingModule(nn.Module):
     def __init__(self, model: OvisU1, data: DataArgs, precision: str = "fp32"):
         super().__init__()
         self.model = model
-        self.loss_kwargs = {"t2i": {"cond_dropout": data.cond_dropout},
-                            "edit": {"cond_dropout": data.cond_dropout, "change_weight": data.edit_change_weight}}
+        self.loss_kwargs = {"t2i": {"cond_dropout": data.cond_dropout}, "edit": {"cond_dropout": data.cond_dropout}}
         self.bf16 = precision == "bf16"
         if self.bf16 and model.device.type == "cpu":
             # transformers' sdpa path takes PyTorch's CPU flash kernel, whose bf16 backward is ~3x slower
@@ -126,19 +125,6 @@ def set_trainable(model: OvisU1, stage: StageArgs, lora_enabled: bool = False) -
     model.train()
     model.vae.eval()  # frozen or not, it has no dropout/batch-norm; eval keeps diffusers quiet
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def plain_step(module: TrainingModule, optimizer, params: list, batches: dict[str, list], weights: dict[str, float],
-               generator: torch.Generator, grad_clip: float) -> dict[str, float]:
-    """One optimizer step outside accelerate (the experiments' side-by-side runs); returns the task losses.
-    The same order as the training loop: losses, backward, clip (when set), step, zero."""
-    loss, parts = module(batches, weights, generator)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return parts
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

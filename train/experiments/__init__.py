@@ -9,6 +9,19 @@ from collections.abc import Callable
 import torch
 
 
+def plain_step(module, optimizer, params: list, batches: dict[str, list], weights: dict[str, float],
+               generator: torch.Generator, grad_clip: float) -> dict[str, float]:
+    """One optimizer step outside accelerate (the experiments' side-by-side runs); returns the task losses.
+    The same order as the training loop: losses, backward, clip (when set), step, zero."""
+    loss, parts = module(batches, weights, generator)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts
+
+
 def device_sync(device: torch.device) -> Callable[[], None]:
     """What to call around a timed step on `device`: CUDA runs asynchronously, the CPU does not."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -27,7 +27,8 @@ from ovis_u1.shapes.world import ShapesWorld
 from train import losses
 from train.config import resolve
 from train.data import TaskData
-from train.trainer import TrainingModule, load_checkpoint, lr_lambda, plain_step, set_trainable
+from train.experiments import plain_step
+from train.trainer import TrainingModule, load_checkpoint, lr_lambda, set_trainable
 
 
 @torch.no_grad()

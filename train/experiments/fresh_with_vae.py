@@ -2,8 +2,8 @@
 without also comparing their VAEs.
 
     python -m train.experiments.fresh_with_vae --recipe default --vae-from ovis_u1/default_model \
-        --out runs/init_with_vae 'preset_overrides={adapter.position_buckets: 4}'
-    python -m train --recipe default 'preset_overrides={adapter.position_buckets: 4}' init=runs/init_with_vae \
+        --out runs/init_with_vae 'preset_overrides={refiner.depth: 0}'
+    python -m train --recipe default 'preset_overrides={refiner.depth: 0}' init=runs/init_with_vae \
         'only_stages=[prep_lm,prep_vision,prep_text,stage0,stage1,stage2,stage3,stage4,stage5]'
 
 The same code and seed give another VAE on another CPU of this kind (README, "Understanding"), and a

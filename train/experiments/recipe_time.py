@@ -22,8 +22,8 @@ import torch
 
 from train.config import resolve
 from train.data import TaskData
-from train.experiments import device_sync, median_step_time
-from train.trainer import TrainingModule, build_model, plain_step, resolve_precision, scaled_stages, set_trainable
+from train.experiments import device_sync, median_step_time, plain_step
+from train.trainer import TrainingModule, build_model, resolve_precision, scaled_stages, set_trainable
 
 
 def stage_step(module, optimizer, params, data, rows, tasks, grad_clip, i: int) -> None:

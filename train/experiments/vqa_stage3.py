@@ -20,9 +20,6 @@ environment variable:
                 left or on the right?", the diagnostic kind "side": one half of a relation question)
     DESCRIBE_FIRST=600 the same with descriptions ("a red circle and a blue square"), which name every
                 object's colour and shape at once
-    POSITIONS=4 adds learned image-index, row and column embeddings (4 buckets) to the visual tokens
-                (`AdapterConfig.position_buckets`), N(0, 1) like the VTE (POS_INIT=0: zeros), trained with
-                the VTE
     BYPASS=1    a diagnostic, not the architecture: no softmax, so each visual token's embedding is the
                 head's LayerNorm output times the VTE / 128, a linear map of the merged ViT features
     ORACLE=grid a diagnostic without the ViT: each of an image's 16 tokens (a 16x16 px cell) is the
@@ -239,13 +236,6 @@ def main() -> None:
         model.requires_grad_(False)
         model.llm.requires_grad_(True)
         train_llm_on_text(model, args, int(env("WARM", 0)), env("WLR", 1e-3), seed=7)
-    if int(env("POSITIONS", 0)) and model.visual_positions is None:  # fresh (zero) image/row/column tables
-        model.config.adapter.position_buckets = int(env("POSITIONS", 0))
-        model.visual_positions = OvisU1.build_visual_positions(model.config)
-        if "POS_INIT" in os.environ:  # POS_INIT=0: zeros (the model starts out unchanged); the default N(0, 1)
-            with torch.no_grad():
-                for table in (model.visual_positions.image, model.visual_positions.row, model.visual_positions.col):
-                    table.weight.normal_(0.0, env("POS_INIT", 1.0))
     # The paper's stage-3 components (vision, adapter, VTE, LLM), whatever the default recipe now freezes.
     set_trainable(model, next(s for s in PAPER_STAGES if s.name == "stage3"))
     if int(env("FREEZE_LLM", 0)):
