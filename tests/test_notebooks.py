@@ -11,8 +11,8 @@ reads git's index (what `git commit` would record), not the working file. Comman
     python -m tests.test_notebooks                 # run them all, print the time of each and its slowest cells
     python -m tests.test_notebooks --figures DIR   # ... and save its figures and printed text in DIR
     python -m tests.test_notebooks --strip         # strip outputs in place (before committing a notebook)
-    git config filter.notebook-outputs.clean "python -m tests.test_notebooks --clean"   # once per clone:
-                                                   # git then strips on `git add` and `git status` stays clean
+    git config filter.notebook-outputs.clean "python -m tests.test_notebooks --clean"   # once per clone: git
+                                                   # then reads notebooks stripped (`git diff` empty after a run)
 """
 
 from __future__ import annotations
