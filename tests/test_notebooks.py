@@ -32,8 +32,8 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-# Seconds per cell. Only a hang should reach it: the slowest cell takes about 30 s on an idle 2-core CPU
-# and ran 4-7x slower on a machine shared with other jobs.
+# Seconds per cell. Only a hang should reach it: the slowest cell (05's training) took 52-57 s on a 2-core
+# machine at a load of 8-9, and its earlier, twice as long version once took 432 s on a loaded machine.
 CELL_TIMEOUT = 1200
 # What a stripped notebook keeps: the kernel to start. Not widget state, nor language_info, whose Python version
 # would differ between machines and show the file as changed after every run.
