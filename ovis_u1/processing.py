@@ -167,17 +167,17 @@ def _gray_to_rgb(a: np.ndarray) -> Image.Image:
 GENERATION_MIN_PIXELS = 56 * 56
 
 
-def generation_image_size(height: int, width: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+def generation_image_size(height: int, width: int, max_pixels: int, factor: int) -> tuple[int, int]:
     """(h, w) the published generation pipeline resizes a prompt's image to before the ViT reads it:
     smart_resize(factor, min 56^2, max = the processor's min_pixels), so at most max_pixels pixels.
 
-    `factor` is patch size x hidden stride (28 for the release). The ViT's own preprocessing then
+    `factor` is patch size x hidden stride (28 for the release; `inference.vit_factor(model)`). The ViT's own preprocessing then
     smart-resizes the result again, within the processor's usual bounds.
     """
     return smart_resize(height, width, factor, min(GENERATION_MIN_PIXELS, max_pixels), max_pixels)
 
 
-def blank_image(height: int, width: int, max_pixels: int, factor: int = 28) -> Image.Image:
+def blank_image(height: int, width: int, max_pixels: int, factor: int) -> Image.Image:
     """White RGB image for a height x width target, sized as the published pipeline sizes it for the ViT.
 
     Text-to-image always sends such an image through the ViT (and editing's no_both branch does), so the
@@ -189,7 +189,7 @@ def blank_image(height: int, width: int, max_pixels: int, factor: int = 28) -> I
     return Image.new("RGB", (w, h), (255, 255, 255))
 
 
-def generation_image(image: Image.Image, max_pixels: int, factor: int = 28) -> Image.Image:
+def generation_image(image: Image.Image, max_pixels: int, factor: int) -> Image.Image:
     """An edit's image as the ViT gets it: resized (bicubic) to `generation_image_size`, at most max_pixels."""
     h, w = generation_image_size(image.height, image.width, max_pixels, factor)
     return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.BICUBIC)

@@ -5,13 +5,16 @@ notebooks both call them.
 
     report = refiner_report(model, "a red circle to the left of a blue square")
     plot_refiner_attention(report); plot_gates(report); plot_token_movement(report)
-    image, heat = word_attention_map(model, prompt, word_index=report.prompt_indices[-1], step=10)
-    plot_word_heatmap(image, heat, word=report.tokens[report.prompt_indices[-1]])
+    word = report.words[-1]                     # "square": a Word, with its sub-word pieces' positions
+    image, heat = word_attention_map(model, prompt, word, step=10)
+    plot_word_heatmap(image, heat, word=word)
 
 Token indices everywhere are positions in `report.tokens`: the whole generation condition the refiner
 sees (chat header, image indicator and visual tokens of the blank image, the T2I instruction, the
 prompt), which is also the decoder's text stream, position for position. The refiner prepends a CLS
 token, so its attention matrices are one larger: row/column 0 is the CLS, row/column i + 1 is token i.
+`report.words` groups the prompt's tokens into its whitespace-separated words (a word may be several
+sub-word pieces); a word's attention is the sum over its pieces, other per-token figures the mean.
 
 Plots are `matplotlib.figure.Figure` objects made without pyplot: no global figure registry, safe to build
 from server threads, displayed inline by Jupyter.
@@ -19,6 +22,8 @@ from server threads, displayed inline by Jupyter.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +59,19 @@ GATE_KINDS = ("attention", "mlp")  # order of each refiner block's (gate_msa, ga
 REST = "(rest)"  # column label for the attention of all tokens outside the prompt, summed
 
 
+@dataclass(frozen=True)
+class Word:
+    """One whitespace-separated word of the prompt and the positions of its sub-word pieces in `tokens`.
+
+    The tokenizer splits rare words into pieces ("three" -> "th" "re" "e"); a user asks about words.
+    Per-word figures: attention to a word is the SUM over its pieces (softmax probabilities add: the
+    chance a query attends to any piece of the word); per-token properties such as movement are the MEAN.
+    """
+
+    text: str
+    indices: tuple[int, ...]
+
+
 @dataclass
 class RefinerReport:
     """One refiner pass over a text-to-image condition, as numpy arrays (batch of one, CLS included)."""
@@ -61,6 +79,7 @@ class RefinerReport:
     prompt: str
     tokens: list[str]  # L condition tokens, decoded one by one ("<v12>" = visual token 12 of the blank image)
     prompt_span: tuple[int, int]  # [start, stop) of the prompt's own tokens within `tokens`
+    words: list[Word]  # the prompt's words, in order, each with its pieces' positions
     attention: list[np.ndarray]  # per block [L+1, L+1], heads averaged; rows are queries; index 0 = CLS
     gates: np.ndarray  # [blocks, 2 (GATE_KINDS), hidden] adaLN gates from the pooled context vector
     movement: np.ndarray  # [L] ||refined - input_embedder(condition)|| per token
@@ -80,6 +99,10 @@ class RefinerReport:
     @property
     def prompt_indices(self) -> list[int]:
         return list(range(*self.prompt_span))
+
+    def word_mean(self, values: np.ndarray) -> np.ndarray:
+        """A per-token array [L] averaged over each word's pieces: [len(words)]."""
+        return np.array([float(np.mean(values[list(w.indices)])) for w in self.words])
 
     @property
     def labels(self) -> list[str]:
@@ -105,8 +128,9 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     return out
 
 
-def _prompt_span(tokenizer, ids: list[int], prompt: str, prefix: str) -> tuple[int, int]:
-    """Positions of the prompt's own tokens: those of the text after the image whose characters overlap it."""
+def _prompt_tokens(tokenizer, ids: list[int], prompt: str, prefix: str) -> tuple[tuple[int, int], list[Word]]:
+    """The prompt's own tokens within `ids` ([start, stop): those of the text after the image whose
+    characters overlap it) and its words (the tokens overlapping each run of non-space characters)."""
     after = t2i_prompts(prompt, prefix)[0].split(IMAGE_PLACEHOLDER, 1)[1]
     first = ids.index(INDICATOR_IDS[1]) + 1  # the text after the image starts right after its end marker
     stripped = prompt.strip()
@@ -115,12 +139,18 @@ def _prompt_span(tokenizer, ids: list[int], prompt: str, prefix: str) -> tuple[i
     try:
         offsets = tokenizer(after, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     except (NotImplementedError, TypeError, KeyError):  # a slow tokenizer: no offsets, keep all the text
-        return first, len(ids)
-    inside = [j for j, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
-    if not inside:
-        return first, len(ids)
-    # Truncation (multimodal_max_length) may have cut the end of the prompt.
-    return min(first + inside[0], len(ids)), min(first + inside[-1] + 1, len(ids))
+        offsets = None
+    inside = [] if offsets is None else [j for j, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    if not inside:  # no character offsets: every token after the image is its own "word"
+        return (first, len(ids)), [Word(_label(tokenizer.decode([ids[j]])), (j,)) for j in range(first, len(ids))]
+    words = []
+    for m in re.finditer(r"\S+", stripped):
+        a, b = start_char + m.start(), start_char + m.end()
+        # Truncation (multimodal_max_length) may have cut the end of the prompt: keep the pieces that remain.
+        pieces = tuple(first + j for j in inside if offsets[j][0] < b and offsets[j][1] > a and first + j < len(ids))
+        if pieces:
+            words.append(Word(m.group(), pieces))
+    return (min(first + inside[0], len(ids)), min(first + inside[-1] + 1, len(ids))), words
 
 
 @torch.no_grad()
@@ -137,10 +167,12 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
     embedded = model.refiner.input_embedder(cond)[0].float()  # [L, C]
     refined = out.tokens[0].float()
     ids = batch.input_ids[0].tolist()
+    span, words = _prompt_tokens(model.tokenizer, ids, prompt, g.t2i_prefix)
     return RefinerReport(
         prompt=prompt,
         tokens=_token_strings(model.tokenizer, ids),
-        prompt_span=_prompt_span(model.tokenizer, ids, prompt, g.t2i_prefix),
+        prompt_span=span,
+        words=words,
         attention=[a[0].float().mean(dim=0).cpu().numpy() for a in out.attention],
         gates=torch.stack([torch.stack([msa[0], mlp[0]]) for msa, mlp in out.gates]).float().cpu().numpy(),
         movement=(refined - embedded).norm(dim=-1).cpu().numpy(),
@@ -150,7 +182,7 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
 
 
 @torch.no_grad()
-def word_attention_map(model, prompt: str, word_index: int, step: int | None = None,
+def word_attention_map(model, prompt: str, word_index: int | Sequence[int] | Word, step: int | None = None,
                        num_inference_steps: int | None = None, seed: int = 42,
                        guidance_scale: float | None = None, height: int | None = None,
                        width: int | None = None, block: int | None = None,
@@ -159,9 +191,11 @@ def word_attention_map(model, prompt: str, word_index: int, step: int | None = N
 
     The heatmap [h, w] over the packed latent grid (one cell per decoder image token, 16 x 16 pixels at
     the published 8x VAE) holds the joint-attention probability from each image query to the text key
-    `word_index` (a position in `refiner_report(...).tokens`), heads averaged, in the conditional branch's
-    forward at denoising step `step` (1 = the first, from pure noise; default: the middle step), averaged
-    over the double-stream blocks or taken from one (`block`). Single-stream blocks are not recorded.
+    `word_index` (a position in `refiner_report(...).tokens`; or several, such as a `Word` or its
+    `indices`, whose probabilities are summed: attention to any piece of the word), heads averaged, in
+    the conditional branch's forward at denoising step `step` (1 = the first, from pure noise; default:
+    the middle step), averaged over the double-stream blocks or taken from one (`block`). Single-stream
+    blocks are not recorded. Higher = the image token reads more from the word.
     """
     (prompt,) = check_prompts(prompt)
     g = model.config.generation
@@ -189,8 +223,7 @@ def word_attention_map(model, prompt: str, word_index: int, step: int | None = N
     cond = decoder_inputs(model, req).rows(1)  # the conditional branch (right padded, masked)
     n_txt = cond.txt.shape[1]  # image queries follow the (padded) text in the joint sequence
     n_real = n_txt if cond.txt_mask is None else int(cond.txt_mask[0].sum())
-    if not 0 <= word_index < n_real:
-        raise ValueError(f"word_index must be in [0, {n_real}) (the condition's tokens), got {word_index!r}")
+    keys = _key_positions(word_index, n_real)
     x = seen[step - 1]
     h, w = req.latent_hw
     t = get_schedule(steps, x.shape[1], shift=g.use_time_shift, base_shift=g.base_shift,
@@ -205,9 +238,20 @@ def word_attention_map(model, prompt: str, word_index: int, step: int | None = N
     finally:
         for hook in hooks:
             hook.remove()
-    maps = torch.stack([r[0, n_txt:, word_index] for r in record])  # [blocks, L_img]: image query -> word
+    maps = torch.stack([r[0, n_txt:, keys].sum(dim=-1) for r in record])  # [blocks, L_img]: image -> word
     heat = maps.mean(dim=0) if block is None else maps[block]
     return image, heat.float().reshape(h // 2, w // 2).cpu().numpy()
+
+
+def _key_positions(word_index, n_real: int) -> list[int]:
+    """The condition positions a word_index names (one position, a sequence of them or a Word), checked."""
+    keys = list(word_index.indices) if isinstance(word_index, Word) else word_index
+    keys = [keys] if isinstance(keys, int | np.integer) and not isinstance(keys, bool) else keys
+    if not isinstance(keys, Sequence) or not keys or not all(
+            isinstance(k, int | np.integer) and not isinstance(k, bool) and 0 <= k < n_real for k in keys):
+        raise ValueError(f"word_index must be a position in [0, {n_real}) (the condition's tokens), a non-empty "
+                         f"sequence of them, or a Word from refiner_report(...).words; got {word_index!r}")
+    return list(dict.fromkeys(int(k) for k in keys))  # a position named twice is still read once
 
 
 # ---- plots -------------------------------------------------------------------------------------------
@@ -232,7 +276,7 @@ def plot_refiner_attention(report: RefinerReport, focus: str = "prompt") -> Figu
     names = ["CLS"] + [report.labels[i] for i in shown]
     rest = focus == "prompt" and len(shown) < len(report.tokens)
     blocks = len(report.attention)
-    side = max(3.0, 0.32 * len(rows) + 1.5)
+    side = max(3.5, 0.38 * len(rows) + 1.8)
     fig = Figure(figsize=(side * blocks + 0.8, side), layout="constrained")
     axes = fig.subplots(1, blocks, squeeze=False)[0]
     for b, (ax, a) in enumerate(zip(axes, report.attention)):
@@ -245,16 +289,16 @@ def plot_refiner_attention(report: RefinerReport, focus: str = "prompt") -> Figu
             m = np.concatenate([m, 1.0 - m.sum(axis=1, keepdims=True)], axis=1)
             cols.append(REST)
             for r in range(len(rows)):
-                ax.text(len(cols) - 1, r, f"{m[r, -1]:.0%}", ha="center", va="center", fontsize=6,
+                ax.text(len(cols) - 1, r, f"{m[r, -1]:.0%}", ha="center", va="center", fontsize=10,
                         color="white" if m[r, -1] < 0.6 * vmax else "black")
         im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=10)
+        ax.set_yticks(range(len(names)), names, fontsize=10)
         ax.add_patch(Rectangle((-0.5, -0.5), len(cols), 1, fill=False, edgecolor="red", linewidth=2))
-        ax.set_title(f"block {b}: attention (heads averaged)", fontsize=9)
-        ax.set_xlabel("key", fontsize=8)
+        ax.set_title(f"block {b}: attention (heads averaged)", fontsize=11)
+        ax.set_xlabel("key", fontsize=10)
         if b == 0:
-            ax.set_ylabel("query (red: CLS row)", fontsize=8)
+            ax.set_ylabel("query (red: CLS row)", fontsize=10)
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     return fig
 
@@ -264,7 +308,7 @@ def plot_gates(report: RefinerReport) -> Figure:
     mag = report.gate_magnitude  # [blocks, 2]
     peak = np.abs(report.gates).max(axis=-1)
     blocks = np.arange(mag.shape[0])
-    fig = Figure(figsize=(max(3.5, 1.6 * len(blocks) + 2), 3.0), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 1.8 * len(blocks) + 2.5), 3.4), layout="constrained")
     ax = fig.subplots()
     width = 0.38
     for k, kind in enumerate(GATE_KINDS):
@@ -274,9 +318,9 @@ def plot_gates(report: RefinerReport) -> Figure:
                    label="max |gate| over channels" if k == 0 else None)
     ax.set_xticks(blocks, [f"block {b}" for b in blocks])
     ax.set_ylabel("|gate|")
-    ax.set_title("refiner adaLN gates (set by the pooled prompt)", fontsize=9)
-    ax.set_ylim(0, 1.35 * max(float(peak.max()), 1e-6))
-    ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
+    ax.set_title("refiner adaLN gates (set by the pooled prompt)", fontsize=11)
+    ax.set_ylim(0, 1.45 * max(float(peak.max()), 1e-6))
+    ax.legend(fontsize=10, loc="upper center", ncol=2, frameon=False)
     return fig
 
 
@@ -285,42 +329,62 @@ def plot_token_movement(report: RefinerReport, focus: str = "prompt") -> Figure:
     shown = _focus(report, focus)
     names = [report.labels[i] for i in shown]
     x = np.arange(len(shown))
-    fig = Figure(figsize=(max(4.0, 0.35 * len(shown) + 2), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 0.45 * len(shown) + 2), 4.8), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.bar(x, report.movement[shown], color="tab:orange", label="||refined - embedded||")
     top.plot(x, report.embedded_norm[shown], "k.", label="||embedded||")
     top.set_ylabel("norm")
-    top.legend(fontsize=8)
-    top.set_title("how much each token moves through the refiner", fontsize=9)
+    top.legend(fontsize=10)
+    top.set_title("how much each token moves through the refiner", fontsize=11)
     bottom.bar(x, report.cosine[shown], color="tab:blue")
     bottom.set_ylim(min(0.0, float(report.cosine[shown].min()) - 0.05), 1.05)
     bottom.set_ylabel("cosine(refined, embedded)")
-    bottom.set_xticks(x, names, rotation=90, fontsize=8)
+    bottom.set_xticks(x, names, rotation=90, fontsize=10)
     return fig
 
 
-def plot_word_heatmap(image: Image.Image, heatmap: np.ndarray, word: str | None = None,
+HEAT_CMAP = "magma"  # sequential: dark = little attention, bright = much (the colorbar says so)
+
+
+def plot_word_heatmap(image: Image.Image, heatmap: np.ndarray, word: str | Word | None = None,
                       step: int | None = None) -> Figure:
-    """The image, and the image-to-word attention heatmap upsampled over it."""
+    """The image; the image-to-word attention heatmap alone; and its contours drawn over the image.
+
+    The heatmap is drawn on its own, not blended over the image: blending a colormap over coloured
+    objects darkens them and brightens the white background, which made a map that is highest on an
+    object look darkest there. One cell per decoder image token (no smoothing), bright = more attention.
+    """
     w, h = image.size
-    fig = Figure(figsize=(7.0, 3.4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.imshow(image)
-    left.set_title("generated image", fontsize=9)
-    right.imshow(image)
-    shown = right.imshow(heatmap, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear")
+    fig = Figure(figsize=(10.0, 3.6), layout="constrained")
+    left, middle, right = fig.subplots(1, 3)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("generated image", fontsize=11)
+    shown = middle.imshow(heatmap, cmap=HEAT_CMAP, vmin=0.0, vmax=max(float(heatmap.max()), 1e-9),
+                          extent=(0, w, h, 0), interpolation="nearest")
+    if isinstance(word, Word):
+        word = word.text
     about = f"'{_label(word)}'" if word is not None else "the word"
-    right.set_title(f"attention to {about}" + (f" at step {step}" if step is not None else ""), fontsize=9)
-    for ax in (left, right):
+    middle.set_title(f"attention to {about}" + (f" at step {step}" if step is not None else ""), fontsize=11)
+    fig.colorbar(shown, ax=middle, shrink=0.85, label="attention probability\n(bright = more)")
+    right.imshow(image, interpolation="nearest")
+    peak = float(heatmap.max())
+    if peak > float(heatmap.min()):  # a flat map has no contours
+        gh, gw = heatmap.shape
+        xs, ys = (np.arange(gw) + 0.5) * w / gw, (np.arange(gh) + 0.5) * h / gh  # cell centres in pixels
+        right.contour(xs, ys, heatmap, levels=[0.5 * peak, 0.75 * peak], colors=["tab:cyan", "black"],
+                      linewidths=[1.5, 2.0])
+    right.set_title("where it is high: 50% (cyan), 75% (black) of max", fontsize=10)
+    for ax in (left, middle, right):
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=right, shrink=0.8)
     return fig
 
 
 __all__ = [
     "GATE_KINDS",
+    "HEAT_CMAP",
     "RefinerReport",
+    "Word",
     "plot_gates",
     "plot_refiner_attention",
     "plot_token_movement",

@@ -104,19 +104,19 @@ def test_preprocess_layout_and_round_trip():
 
 
 def test_blank_image():
-    img = P.blank_image(1024, 512, 448 * 448)
+    img = P.blank_image(1024, 512, 448 * 448, 28)
     assert img.mode == "RGB" and img.width * img.height <= 448 * 448
     assert abs(img.height / img.width - 2) < 0.01
     assert np.asarray(img).min() == 255
     # The published generation rule: smart_resize(factor 28, min 56^2, max = the cap), so a small target
     # grows to the factor grid (golden/cases.json "sizes" checks 240 targets at the release's bounds).
-    assert P.blank_image(20, 30, 448 * 448).size == (84, 56)
+    assert P.blank_image(20, 30, 448 * 448, 28).size == (84, 56)
     assert P.blank_image(64, 64, 32 * 32, factor=16).size == (32, 32)
 
 
 def test_generation_image_is_capped_and_kept_when_small_enough():
     big = Image.new("RGB", (1000, 800))
-    seen = P.generation_image(big, 448 * 448)
+    seen = P.generation_image(big, 448 * 448, 28)
     assert seen.width * seen.height <= 448 * 448 and seen.width % 28 == 0 and seen.height % 28 == 0
     small = Image.new("RGB", (64, 64))
     assert P.generation_image(small, 64 * 64, factor=16) is small
@@ -381,7 +381,7 @@ def test_pad_batch():
 def test_prepare_inputs_tiny(tok):
     cfg = get_preset("tiny")
     texts = [P.understanding_prompt("What is this?", 1), P.understanding_prompt("Compare.", 2)]
-    images = [[_noise(40, 60)], [_noise(100, 30, 1), P.blank_image(64, 64, 64 * 64)]]
+    images = [[_noise(40, 60)], [_noise(100, 30, 1), P.blank_image(64, 64, 64 * 64, 16)]]
     batch = P.prepare_inputs(tok, texts, images, cfg, pad_side="left")
     assert len(batch.pixel_patches) == len(batch.grid_thws) == 3
     for patches, (t, h, w) in zip(batch.pixel_patches, batch.grid_thws, strict=True):

@@ -311,7 +311,7 @@ def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh, mo
     """decoder.prediction="sample": the flow loss is the x0 error of the final layer's raw output, also for
     t below the decoder's min_t (where it divides by min_t, not t)."""
     from ovis_u1.decoder import latent_ids
-    from ovis_u1.inference import encode_conditions, refine
+    from ovis_u1.inference import encode_conditions, refine, vit_factor
     from ovis_u1.processing import blank_image, t2i_prompts
     from train import losses
     from train.losses import flow_loss
@@ -326,7 +326,7 @@ def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh, mo
     torch.manual_seed(0)
     x0 = torch.randn(2, 16, cfg.in_channels)  # an 8x8 latent grid, packed 2x2
     texts = [t2i_prompts(c, "")[0] for c in ("a red circle", "two squares")]
-    cond, mask = encode_conditions(model, texts, [blank_image(32, 32, 32 * 32)] * 2)
+    cond, mask = encode_conditions(model, texts, [blank_image(32, 32, 32 * 32, vit_factor(model))] * 2)
     cfg.prediction = "sample"
     with torch.no_grad():
         loss = flow_loss(model, x0, cond, mask, (8, 8), generator=torch.Generator().manual_seed(3))

@@ -269,17 +269,17 @@ def project_ids(proj, text: str, images) -> tuple[list[int], list]:
 
 def check_prompts(g: Golden, proj) -> None:
     gc = proj.config.generation
+    fac = inf.vit_factor(proj)
     for p in g.cases["prompts"]:
         with case(f"prompt {p['name']}", NOTE):
             if p["kind"] == "t2i":
                 h, w = p["height"], p["width"]
                 cond, uncond = proc.t2i_prompts(p.get("user_prompt", "x"), gc.t2i_prefix)
                 text = cond if "user_prompt" in p else uncond
-                images = [proc.blank_image(h, w, gc.blank_image_max_pixels)]
+                images = [proc.blank_image(h, w, gc.blank_image_max_pixels, fac)]
             elif p["kind"] == "edit":
                 src = g.image(p["input_image"])
                 eh, ew = inf.edit_size(proj, src)
-                fac = proj.config.vision.patch_size * proj.config.adapter.hidden_stride
                 resized = src.resize((ew, eh), Image.Resampling.BICUBIC)
                 seen = proc.generation_image(resized, gc.edit_image_max_pixels, fac)
                 if p["name"] == "edit_cond":
@@ -288,7 +288,7 @@ def check_prompts(g: Golden, proj) -> None:
                     text, images = proc.generation_prompt(proc.UNCOND_TEXT), [seen]
                 else:
                     text, images = (proc.generation_prompt(proc.UNCOND_TEXT),
-                                    [proc.blank_image(eh, ew, gc.blank_image_max_pixels)])
+                                    [proc.blank_image(eh, ew, gc.blank_image_max_pixels, fac)])
             else:
                 images = [g.image(n) for n in p["images"]]
                 text = proc.understanding_prompt(p["question"], len(images), history=[tuple(t) for t in p["history"]])
@@ -311,7 +311,7 @@ def check_sizes(g: Golden) -> None:
     with case("sizes t2i (release bounds, pure functions)"):
         bad_vit, bad_lat, first_vit, first_lat = 0, 0, "", ""
         for r in s["t2i"]:
-            b = proc.blank_image(r["height"], r["width"], gc.blank_image_max_pixels)
+            b = proc.blank_image(r["height"], r["width"], gc.blank_image_max_pixels, fac)
             vit = list(proc.smart_resize(b.height, b.width, fac, a.min_pixels, a.max_pixels))
             if vit != r["vit_input_size"]:
                 bad_vit += 1
