@@ -171,8 +171,8 @@ def generation_image_size(height: int, width: int, max_pixels: int, factor: int)
     """(h, w) the published generation pipeline resizes a prompt's image to before the ViT reads it:
     smart_resize(factor, min 56^2, max = the processor's min_pixels), so at most max_pixels pixels.
 
-    `factor` is patch size x hidden stride (28 for the release; `inference.vit_factor(model)`). The ViT's own preprocessing then
-    smart-resizes the result again, within the processor's usual bounds.
+    `factor` is patch size x hidden stride (28 for the release; `inference.vit_factor(model)`). The ViT's own
+    preprocessing then smart-resizes the result again, within the processor's usual bounds.
     """
     return smart_resize(height, width, factor, min(GENERATION_MIN_PIXELS, max_pixels), max_pixels)
 
