@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pydantic
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -557,7 +558,8 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                 gates_plot = gr.Plot(label="adaLN gates", format="png")
                 movement_plot = gr.Plot(label="Token movement", format="png")
             with gr.Row():
-                # Custom values let API callers name any token index without analysing first.
+                # Values are token positions ("12" or "12,13,14" for a word of several pieces); custom values
+                # let API callers name any position without analysing first.
                 word = gr.Dropdown([], label="Word (analyse first)", allow_custom_value=True)
                 w_steps = _steps(g, "refiner-steps")
                 w_step = number_input(gr.Slider(1, w_steps.maximum, value=(g.num_inference_steps + 1) // 2,
@@ -647,29 +649,36 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
         @readable
         def analyse(text):
             report = insight.refiner_report(model, text)
-            shown = report.prompt_indices
-            top = max(float(report.movement[shown].max()), 1e-12)
-            return ([(report.tokens[i], float(report.movement[i]) / top) for i in shown],
+            words = refiner_words(report)
+            moved = [float(np.mean(report.movement[idx])) for _, idx in words]
+            top = max(max(moved), 1e-12)
+            return ([(w, m / top) for (w, _), m in zip(words, moved, strict=True)],
                     insight.plot_refiner_attention(report), insight.plot_gates(report),
                     insight.plot_token_movement(report),
-                    gr.Dropdown(choices=[(f"{i}: {report.labels[i]}", i) for i in shown], value=shown[-1],
-                                label="Word"))
+                    gr.Dropdown(choices=[(f"{k + 1}: {w}", ",".join(map(str, idx)))
+                                         for k, (w, idx) in enumerate(words)],
+                                value=",".join(map(str, words[-1][1])), label="Word"))
 
         @gpu_decorator(duration=120)
         @readable
         def word_attention(text, index, n_steps, at_step, s, progress=gr.Progress()):  # noqa: B008
             report = insight.refiner_report(model, text)  # cheap next to sampling; names the word
+            words = refiner_words(report)
             if index in (None, ""):
-                index = report.prompt_indices[-1]
-            elif not str(index).isdigit():
-                raise user_error(f"word must be a token index (a whole number), got {index!r}")
-            index = int(index)
-            if index >= len(report.tokens):
-                raise user_error(f"word index {index} is past the condition's {len(report.tokens)} tokens")
-            image, heat = insight.word_attention_map(model, text, index, step=at_step,
-                                                     num_inference_steps=n_steps, seed=s,
+                name, keys = words[-1]
+            else:
+                keys = [int(k) for k in str(index).split(",") if k.strip().isdigit()]
+                if not keys or len(keys) != len(str(index).split(",")):
+                    raise user_error(f"word must be a token position or several, comma-separated (as the "
+                                     f"dropdown gives them), got {index!r}")
+                if max(keys) >= len(report.tokens):
+                    raise user_error(f"word position {max(keys)} is past the condition's "
+                                     f"{len(report.tokens)} tokens")
+                name = next((w for w, idx in words if idx == keys), "".join(report.tokens[k] for k in keys))
+            image, heat = insight.word_attention_map(model, text, keys[0] if len(keys) == 1 else keys,
+                                                     step=at_step, num_inference_steps=n_steps, seed=s,
                                                      callback=progress_callback(progress))
-            return insight.plot_word_heatmap(image, heat, word=report.tokens[index], step=at_step)
+            return insight.plot_word_heatmap(image, heat, word=name.strip(), step=at_step)
 
         # ---- wiring: model calls are queued in one slot and named for the API; UI helpers bypass it ----
         # Progress and errors show beside the buttons: an error pill over the chatbot would hide the chat.
@@ -750,6 +759,18 @@ def unopened_uploads(image: gr.Image) -> gr.Image:
     image.data_model = InlineImageData
     image.preprocess = preprocess
     return image
+
+
+def refiner_words(report) -> list[tuple[str, list[int]]]:
+    """The prompt's words and their token positions in `report.tokens`, for the refiner tab.
+
+    refiner_insight groups a word's sub-word pieces ("th" "re" "e" -> "three") in `report.words`; a report
+    without that grouping gives one entry per token.
+    """
+    words = getattr(report, "words", None)
+    if words is not None:
+        return [(w.text, list(w.indices)) for w in words]
+    return [(report.labels[i], [i]) for i in report.prompt_indices]
 
 
 def chat_messages(state: dict) -> list[dict]:

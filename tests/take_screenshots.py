@@ -101,7 +101,7 @@ def chat_flow(page, images: list[Path], question: str) -> str:
     # The reply is complete when the event ends: its status tracker hides again and the bubble has text.
     page.wait_for_function(
         "() => { const b = document.querySelectorAll('#chat [data-testid=bot]');"
-        " const t = document.querySelector('#chat [data-testid=status-tracker]');"
+        " const t = document.querySelector('#chat-status [data-testid=status-tracker]');"
         " return b.length && b[b.length - 1].innerText.trim() && (!t || t.classList.contains('hide')); }",
         timeout=TIMEOUT_MS)
     return page.locator("#chat [data-testid=bot]").last.inner_text().strip()

@@ -199,12 +199,16 @@ def test_refiner_endpoints_return_plots(client, reference):
     prompt = "a red circle to the left of a blue square"
     tokens, attention, gates, movement, word = client.predict(prompt, api_name="/refiner_report")
     report = app.insight.refiner_report(reference, prompt)
-    assert [t["token"] for t in tokens] == [report.tokens[i] for i in report.prompt_indices]
+    words = app.refiner_words(report)
+    assert [t["token"] for t in tokens] == [w for w, _ in words]
+    assert "".join(w for w, _ in words).replace(" ", "") == prompt.replace(" ", "")
     for plot in (attention, gates, movement):
         assert plot_png(plot).size[0] > 100
-    assert word["value"] == report.prompt_indices[-1]
-    heat = client.predict(prompt, report.prompt_indices[2], STEPS, 2, 1, api_name="/word_attention")
+    assert word["value"] == ",".join(map(str, words[-1][1]))
+    heat = client.predict(prompt, ",".join(map(str, words[2][1])), STEPS, 2, 1, api_name="/word_attention")
     assert plot_png(heat).size[0] > 100
+    with pytest.raises(AppError, match="word must be a token position"):
+        client.predict(prompt, "red", STEPS, 2, 1, api_name="/word_attention")
 
 
 def test_eight_concurrent_requests_from_separate_sessions(server, client, reference, shapes):
