@@ -256,8 +256,11 @@ def size_presets(g, low: int | None = None, high: int | None = None) -> dict[str
         def cost(hw, a=a, b=b):
             h, w = hw
             shape = abs(math.log((w / h) / (a / b)))
-            return (round(shape, 2), abs(math.log(h * w / area)))
-        h, w = min(((h, w) for h in sides for w in sides), key=cost)
+            return (round(shape, 3), abs(math.log(h * w / area)))
+        # For each height only the two allowed widths around its exact width can be nearest in shape.
+        pairs = [(h, w) for h in sides for w in (math.floor(h * a / b / m) * m, math.ceil(h * a / b / m) * m)
+                 if low <= w <= high]
+        h, w = min(pairs, key=cost)
         if (h, w) in out.values() or abs(math.log((w / h) / (a / b))) > 0.05:
             continue  # no allowed size has this shape (within 5%): leave it out rather than mislabel it
         exact = w * b == h * a
@@ -417,9 +420,9 @@ def edit_note(model: OvisU1, source: Image.Image, result: Image.Image) -> str:
     if (sw, sh) == (w, h):
         return f"Result {w}x{h}, the size of the input."
     why = "scaled down" if w * h < sw * sh else "scaled up"
-    return (f"Result {w}x{h}: the {sw}x{sh} input was {why} to what this model edits (at most "
-            f"{g.edit_max_pixels:,} pixels, sides {g.min_side}-{g.max_side} px in multiples of "
-            f"{g.size_multiple}), keeping its shape as closely as those allow.")
+    return (f"Result {w}x{h}: the {sw}x{sh} input was {why} to what this model edits ({g.edit_min_pixels:,} "
+            f"to {g.edit_max_pixels:,} pixels, sides multiples of {g.edit_size_multiple}), keeping its shape as "
+            "closely as those allow.")
 
 
 # ---- the UI ------------------------------------------------------------------------------------------

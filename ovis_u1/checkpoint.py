@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,26 +82,32 @@ def _pick(cls, values: dict, **renames) -> object:
 
 
 def config_to_published(cfg: OvisU1Config) -> dict:
+    """The published config.json for this model: what the published classes read, plus `compact_*` fields
+    (ignored there) that let this package restore what they cannot say (sampling defaults, the preset)."""
     vis, ad, dec, ref = cfg.vision, cfg.adapter, cfg.decoder, cfg.refiner
     backbone = {
         "model_type": "aimv2", "hidden_size": vis.hidden_size, "num_hidden_layers": vis.num_layers,
         "num_attention_heads": vis.num_heads, "intermediate_size": vis.intermediate_size,
         "patch_size": vis.patch_size, "image_size": vis.pos_grid * vis.patch_size,
         "rms_norm_eps": vis.norm_eps, "qkv_bias": vis.qkv_bias, "use_bias": vis.use_bias,
-        "rope_theta": vis.rope_theta, "window_size": vis.window_size,
-        "use_window_attention": vis.use_window_attention, "fullatt_block_indexes": list(vis.fullatt_blocks),
-        "num_channels": 3, "temporal_patch_size": 1,
+        "rope_theta": vis.rope_theta, "window_size": vis.window_size, "hidden_stride": ad.hidden_stride,
+        # null = full attention in every block; a list = windows in every block not listed.
+        "fullatt_block_indexes": list(vis.fullatt_blocks) if vis.use_window_attention else None,
+        "preserve_original_pe": vis.preserve_original_pe, "interpolate_pe_method": vis.interpolate_pe_method,
+        "disable_rope": not vis.use_rope, "num_channels": 3, "temporal_patch_size": 1,
     }
     vae = dataclasses.asdict(cfg.vae)
     n = len(cfg.vae.block_out_channels)
     vae.update(_class_name="AutoencoderKL", down_block_types=["DownEncoderBlock2D"] * n,
                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(cfg.vae.block_out_channels))
+    g = cfg.generation
     generator = {"model_type": "yak", **dataclasses.asdict(dec), "axes_dim": list(dec.axes_dim),
-                 "guidance_embed": False, "vae_config": vae,
+                 "guidance_embed": False, "vae_config": vae, "timestep_shift": g.use_time_shift,
+                 "base_shift": g.base_shift, "max_shift": g.max_shift,
                  "refiner_hidden_size": ref.hidden_size, "refiner_num_heads": ref.num_heads,
                  "refiner_depth": ref.depth, "refiner_mlp_ratio": ref.mlp_ratio, "refiner_qkv_bias": ref.qkv_bias}
     return {
-        "model_type": "ovis_u1", "architectures": ["Ovis_U1"],
+        "model_type": "ovis_u1", "architectures": ["Ovis_U1"], "hidden_size": cfg.llm.hidden_size,
         "llm_config": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
                        **dataclasses.asdict(cfg.llm)},
         "visual_tokenizer_config": {
@@ -109,37 +116,79 @@ def config_to_published(cfg: OvisU1Config) -> dict:
             "min_pixels": ad.min_pixels, "max_pixels": ad.max_pixels, "backbone_config": backbone,
         },
         "visual_generator_config": generator,
-        "multimodal_max_length": cfg.generation.multimodal_max_length,
+        "multimodal_max_length": g.multimodal_max_length,
         "conversation_formatter_class": "Qwen3ConversationFormatter",
-        # Not read by the published code; lets this package keep its sampling defaults on a round trip.
-        "compact_generation_config": dataclasses.asdict(cfg.generation),
+        "compact_generation_config": dataclasses.asdict(g),
         "compact_preset": cfg.preset,
     }
 
 
-def config_from_published(d: dict) -> OvisU1Config:
-    """Published config.json -> OvisU1Config; fields it does not state keep the ovis-u1-3b values."""
+def published_departures(cfg: OvisU1Config) -> list[str]:
+    """What of this model the published code would build or run differently from this package."""
+    dec, ref = cfg.decoder, cfg.refiner
+    out = []
+    published_refiner = (dec.context_in_dim, dec.hidden_size, 2 * dec.num_heads, 2, 4.0, True)
+    if (ref.in_dim, ref.hidden_size, ref.num_heads, ref.depth, ref.mlp_ratio, ref.qkv_bias) != published_refiner:
+        out.append(f"its refiner ({ref.depth} blocks of {ref.num_heads} heads, width {ref.hidden_size}) is not the "
+                   f"published one (2 blocks of 2 x {dec.num_heads} decoder heads, width {dec.hidden_size})")
+    if dec.prediction != "velocity":
+        out.append(f"its decoder predicts the {dec.prediction!r}, the published one the velocity")
+    if cfg.adapter.position_buckets:
+        out.append("it has visual position embeddings, which the published model lacks")
+    return out
+
+
+# Published config-class defaults for the fields whose absence changes behaviour (AIMv2Config, YakConfig).
+_PUBLISHED_DEFAULTS = {"preserve_original_pe": False, "interpolate_pe_method": "one_dim",
+                       "fullatt_block_indexes": None, "disable_rope": False, "timestep_shift": False,
+                       "base_shift": 0.5, "max_shift": 1.15}
+
+
+def config_from_published(d: dict, preprocessor: dict | None = None) -> OvisU1Config:
+    """Published config.json (and preprocessor_config.json) -> OvisU1Config.
+
+    Sizes it does not state keep the ovis-u1-3b values; switches it does not state take the published
+    config classes' defaults, as the published code would. The refiner follows the published rule (2
+    blocks, heads = 2 x decoder heads, width = decoder width) unless this package's own `refiner_*`
+    fields say otherwise. Pixel bounds and mean/std come from the preprocessor config when given.
+    """
     full = get_preset("ovis-u1-3b")
     vt = d.get("visual_tokenizer_config", {})
-    bb = vt.get("backbone_config", {})
-    gen = d.get("visual_generator_config", {})
+    bb = {**_PUBLISHED_DEFAULTS, **vt.get("backbone_config", {})}
+    gen = {**_PUBLISHED_DEFAULTS, **d.get("visual_generator_config", {})}
     vision = _pick(VisionConfig, {**dataclasses.asdict(full.vision), **bb}, num_layers="num_hidden_layers",
-                   num_heads="num_attention_heads", norm_eps="rms_norm_eps",
-                   fullatt_blocks="fullatt_block_indexes")
+                   num_heads="num_attention_heads", norm_eps="rms_norm_eps")
+    windows = bb["fullatt_block_indexes"]
+    vision.use_window_attention = windows is not None
+    vision.fullatt_blocks = tuple(windows or ())
+    vision.use_rope = not bb["disable_rope"]
     if "image_size" in bb:
         vision.pos_grid = bb["image_size"] // vision.patch_size
     adapter = _pick(AdapterConfig, {**dataclasses.asdict(full.adapter), **vt})
+    if preprocessor:
+        adapter.min_pixels = preprocessor.get("min_pixels", adapter.min_pixels)
+        adapter.max_pixels = preprocessor.get("max_pixels", adapter.max_pixels)
+        adapter.image_mean = tuple(preprocessor.get("image_mean", adapter.image_mean))
+        adapter.image_std = tuple(preprocessor.get("image_std", adapter.image_std))
     llm = _pick(LLMConfig, {**dataclasses.asdict(full.llm), **d.get("llm_config", {})})
+    if "hidden_size" in d and d["hidden_size"] is not None and d["hidden_size"] != llm.hidden_size:
+        raise CheckpointError(f"config.json: top-level hidden_size {d['hidden_size']} differs from "
+                              f"llm_config.hidden_size {llm.hidden_size} (the published model asserts they match)")
     decoder = _pick(DecoderConfig, {**dataclasses.asdict(full.decoder), **gen})
-    # Only the `refiner_*` fields describe the refiner: the decoder's own `num_heads`/`depth`/... must not
-    # leak into it (the published config states the decoder only; its refiner is 2 blocks of 24 heads).
+    # Only the `refiner_*` fields (this package's exports) describe the refiner; the decoder's own
+    # `num_heads`/`depth`/... must not leak into it.
     refiner_fields = {k: v for k, v in gen.items() if k.startswith("refiner_")}
-    refiner = _pick(RefinerConfig, {**dataclasses.asdict(full.refiner), "in_dim": decoder.context_in_dim,
-                                    "hidden_size": decoder.hidden_size, **refiner_fields},
+    refiner = _pick(RefinerConfig, {"in_dim": decoder.context_in_dim, "hidden_size": decoder.hidden_size,
+                                    "num_heads": 2 * decoder.num_heads, "depth": 2, "mlp_ratio": 4.0,
+                                    "qkv_bias": True, **refiner_fields},
                     hidden_size="refiner_hidden_size", num_heads="refiner_num_heads", depth="refiner_depth",
                     mlp_ratio="refiner_mlp_ratio", qkv_bias="refiner_qkv_bias")
     vae = _pick(VAEConfig, {**dataclasses.asdict(full.vae), **gen.get("vae_config", {})})
-    generation = dataclasses.replace(full.generation, **{
+    generation = dataclasses.replace(full.generation, use_time_shift=bool(gen["timestep_shift"]),
+                                     base_shift=gen["base_shift"], max_shift=gen["max_shift"],
+                                     blank_image_max_pixels=adapter.min_pixels,
+                                     edit_image_max_pixels=adapter.min_pixels)
+    generation = dataclasses.replace(generation, **{
         k: tuple(v) if isinstance(v, list) else v for k, v in d.get("compact_generation_config", {}).items()})
     if "multimodal_max_length" in d:
         generation.multimodal_max_length = d["multimodal_max_length"]
@@ -195,6 +244,9 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
             _save_sharded({to_published_key(k): v.to(torch.bfloat16) if v.is_floating_point() else v
                            for k, v in sd.items()}, tmp, max_shard_size)
             config = config_to_published(model.config)
+            for why in published_departures(model.config):
+                warnings.warn(f"saved in the published layout, but the published code will not run this model as "
+                              f"this package does: {why}", stacklevel=3)
             _write_json(tmp / "preprocessor_config.json", _preprocessor_config(model.config))
         _write_json(tmp / "config.json", config)
         if model.tokenizer is not None:
@@ -230,7 +282,8 @@ def _preprocessor_config(cfg: OvisU1Config) -> dict:
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": list(cfg.adapter.image_mean), "image_std": list(cfg.adapter.image_std),
             "patch_size": cfg.vision.patch_size, "hidden_stride": cfg.adapter.hidden_stride,
-            "min_pixels": cfg.adapter.min_pixels, "max_pixels": cfg.adapter.max_pixels}
+            "temporal_patch_size": 1, "resample": 3, "crop_size": {"height": -1, "width": -1},
+            "size": {"shortest_edge": -1}, "min_pixels": cfg.adapter.min_pixels, "max_pixels": cfg.adapter.max_pixels}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -255,9 +308,27 @@ def _read_config(path: Path) -> tuple[OvisU1Config, str]:
     if raw.get("format") == OWN_FORMAT:
         return OvisU1Config.from_dict(raw["config"]), "own"
     if raw.get("model_type") == "ovis_u1":
-        return config_from_published(raw), "published"
+        return config_from_published(raw, _read_preprocessor(path)), "published"
     raise CheckpointError(f"{cfg_file}: neither this package's format (format={OWN_FORMAT!r}) nor the "
                           f"published one (model_type='ovis_u1'); got keys {sorted(raw)[:8]}")
+
+
+def _read_preprocessor(path: Path) -> dict | None:
+    """preprocessor_config.json of a published-layout checkpoint (pixel bounds, mean/std), if it has one."""
+    f = path / "preprocessor_config.json"
+    if not f.exists():
+        return None
+    try:
+        pp = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got {type(pp).__name__}")
+    if pp.get("do_center_crop") or pp.get("do_resize") is False or pp.get("resample", 3) != 3:
+        raise CheckpointError(f"{f}: only a bicubic resize without centre crop is supported (the published visual "
+                              f"tokenizer asserts the same), got do_center_crop={pp.get('do_center_crop')}, "
+                              f"do_resize={pp.get('do_resize')}, resample={pp.get('resample')}")
+    return pp
 
 
 def _weight_files(path: Path, layout: str) -> list[Path]:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# The published text-to-image prefix (the conditional prompt is prefix + " " + the user's prompt).
+# The published text-to-image prefix (the conditional prompt is prefix + the user's prompt, as written).
 PUBLISHED_T2I_PREFIX = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
     "and spatial relationships of the objects:"
@@ -36,8 +36,13 @@ class VisionConfig:
     qkv_bias: bool = False
     use_bias: bool = False  # bias of attention proj and MLP linears
     window_size: int = 112  # pixels; only used when use_window_attention
-    use_window_attention: bool = False
+    use_window_attention: bool = False  # published: fullatt_block_indexes is a list (null = off)
     fullatt_blocks: tuple[int, ...] = ()  # blocks that attend fully when windows are on
+    # The learned position table (published `preserve_original_pe`), resized to each image's grid
+    # bicubically ("two_dim") or along the flattened sequence ("one_dim", `interpolate_pe_method`).
+    preserve_original_pe: bool = True
+    interpolate_pe_method: str = "two_dim"
+    use_rope: bool = True  # published `disable_rope` = not use_rope
 
 
 @dataclass
@@ -146,12 +151,29 @@ class GenerationConfig:
     guidance_scale: float = 5.0  # text-to-image txt_cfg
     edit_guidance_scale: float = 6.0  # editing txt_cfg
     image_guidance_scale: float = 1.5  # editing img_cfg
-    use_time_shift: bool = True  # FLUX resolution-dependent shift (*unverified* whether on)
-    size_multiple: int = 32
-    min_side: int = 256
-    max_side: int = 2048
-    edit_max_pixels: int = 1024 * 1024
-    blank_image_max_pixels: int = 448 * 448  # T2I blank image through the ViT
+    # FLUX resolution-dependent shift; the published decoder config's timestep_shift / base_shift /
+    # max_shift (its config class defaults to no shift; the release's value is unknown).
+    use_time_shift: bool = True
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    # Text-to-image sizes are floored to this multiple (the published generate_image floors to 16 = the
+    # VAE's 8x times the 2x2 packing) and must lie in [min_side, max_side].
+    size_multiple: int = 16
+    min_side: int = 16
+    max_side: int = 4096
+    # Edit output size: smart_resize(H, W, factor, min, max) of the input, the published defaults.
+    edit_size_multiple: int = 32
+    edit_min_pixels: int = 56 * 56
+    edit_max_pixels: int = 14 * 14 * 4 * 1280
+    # What the ViT sees of a generation prompt's image: the T2I blank and the edit image are first
+    # smart-resized to at most this many pixels (the published code uses the processor's min_pixels).
+    blank_image_max_pixels: int = 448 * 448
+    edit_image_max_pixels: int = 448 * 448
+    # How a seed becomes initial noise: "published" draws the whole call's noise at once in bfloat16 on
+    # the model's device from one generator seeded with `seed` (the release's get_noise, so a seed gives
+    # the release's image on the same device); "per_sample" gives image k a float32 CPU generator seeded
+    # with seed + k (the same image on every device, whatever the batch it is drawn in).
+    noise: str = "per_sample"
     t2i_prefix: str = PUBLISHED_T2I_PREFIX  # "" puts the user's prompt alone in the conditional prompt
     max_new_tokens: int = 512
     # Answers never repeat a run of this many tokens (0: off, as the release generates). It cuts the loops a
@@ -214,7 +236,7 @@ def _tiny() -> OvisU1Config:
         llm=LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       max_position_embeddings=1024, rope_theta=10000.0),
-        refiner=RefinerConfig(in_dim=128, hidden_size=64, num_heads=4, depth=2),
+        refiner=RefinerConfig(in_dim=128, hidden_size=64, num_heads=8, depth=2),  # published rule: 2 x decoder heads
         decoder=DecoderConfig(in_channels=16, out_channels=16, hidden_size=64, num_heads=4, depth=1,
                               depth_single_blocks=1, axes_dim=(4, 6, 6), vec_in_dim=64,
                               context_in_dim=128),
@@ -222,8 +244,9 @@ def _tiny() -> OvisU1Config:
                       norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0,
                       mid_block_add_attention=False),
         generation=GenerationConfig(height=64, width=64, num_inference_steps=4, min_side=32,
-                                    max_side=256, edit_max_pixels=128 * 128,
-                                    blank_image_max_pixels=64 * 64, max_new_tokens=16,
+                                    max_side=256, edit_size_multiple=16, edit_min_pixels=32 * 32,
+                                    edit_max_pixels=128 * 128, blank_image_max_pixels=64 * 64,
+                                    edit_image_max_pixels=128 * 128, max_new_tokens=16,
                                     multimodal_max_length=256, size_multiple=16,
                                     fast_num_inference_steps=2),
         preset="tiny",
@@ -252,8 +275,10 @@ def _shapes() -> OvisU1Config:
                       mid_block_add_attention=False),
         generation=GenerationConfig(height=64, width=64, num_inference_steps=30, guidance_scale=3.0,
                                     edit_guidance_scale=3.0, image_guidance_scale=1.5, use_time_shift=False,
-                                    size_multiple=16, min_side=32, max_side=256, edit_max_pixels=64 * 64,
-                                    blank_image_max_pixels=32 * 32, max_new_tokens=24, t2i_prefix="",
+                                    size_multiple=16, min_side=32, max_side=256, edit_size_multiple=16,
+                                    edit_min_pixels=32 * 32, edit_max_pixels=64 * 64,
+                                    blank_image_max_pixels=32 * 32, edit_image_max_pixels=64 * 64,
+                                    max_new_tokens=24, t2i_prefix="",
                                     multimodal_max_length=256, fast_num_inference_steps=12,
                                     no_repeat_ngram_size=4),
         preset="shapes",
@@ -273,7 +298,8 @@ def _small() -> OvisU1Config:
                               axes_dim=(16, 56, 56), vec_in_dim=512, context_in_dim=1024),
         vae=VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16),
         generation=GenerationConfig(height=256, width=256, num_inference_steps=20, min_side=128, max_side=512,
-                                    edit_max_pixels=256 * 256, blank_image_max_pixels=224 * 224,
+                                    edit_min_pixels=128 * 128, edit_max_pixels=256 * 256,
+                                    blank_image_max_pixels=224 * 224, edit_image_max_pixels=224 * 224,
                                     fast_num_inference_steps=8),
         preset="small",
     )
@@ -283,7 +309,7 @@ def _small() -> OvisU1Config:
 PRESETS = {
     # *unverified* which VAE the release uses: a FLUX-style one (no quant convs) is assumed.
     "ovis-u1-3b": lambda: OvisU1Config(vae=VAEConfig(use_quant_conv=False, use_post_quant_conv=False),
-                                       preset="ovis-u1-3b"),
+                                       generation=GenerationConfig(noise="published"), preset="ovis-u1-3b"),
     "small": _small,
     "shapes": _shapes,
     "tiny": _tiny,

@@ -16,7 +16,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -30,6 +30,8 @@ from .processing import (
     UNCOND_TEXT,
     ImageInputError,
     blank_image,
+    edit_prompt,
+    generation_image,
     generation_prompt,
     load_image,
     prepare_inputs,
@@ -37,7 +39,7 @@ from .processing import (
     t2i_prompts,
     understanding_prompt,
 )
-from .sampling import DecoderInputs, branch_groups, denoise, edit_guidance, get_schedule, t2i_guidance
+from .sampling import DecoderInputs, branch_groups, denoise, draw_noise, edit_guidance, get_schedule, t2i_guidance
 
 MODES = ("exact", "fast", "plain")
 MAX_STEPS = 1000
@@ -96,8 +98,8 @@ def check_count(n) -> int:
     return n
 
 
-def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int]:
-    """Snap to the model's size multiple (warning when it changes a side) and enforce its bounds."""
+def requested_size(model, height, width) -> tuple[int, int]:
+    """The caller's height and width (the model's defaults where None), checked against its bounds."""
     g = model.config.generation
     out = []
     for name, side, default in (("height", height, g.height), ("width", width, g.width)):
@@ -106,11 +108,53 @@ def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int
             raise ValueError(f"{name} must be a number of pixels, got {side!r}")
         if not g.min_side <= side <= g.max_side:
             raise ValueError(f"{name}={side} is outside [{g.min_side}, {g.max_side}] for this model")
-        snapped = max(g.min_side, min(g.max_side, round(side / g.size_multiple) * g.size_multiple))
-        if snapped != side:
-            warnings.warn(f"{name} {side} snapped to {snapped} (a multiple of {g.size_multiple})", stacklevel=3)
-        out.append(snapped)
+        out.append(int(side))
     return out[0], out[1]
+
+
+def resolve_size(model, height: int | None, width: int | None) -> tuple[int, int]:
+    """The output size: the requested one floored to the model's size multiple, as the published
+    generate_image floors to 16 (a warning says when that changes a side)."""
+    g = model.config.generation
+    out = []
+    for name, side in zip(("height", "width"), requested_size(model, height, width)):
+        floored = side // g.size_multiple * g.size_multiple
+        if floored != side:
+            warnings.warn(f"{name} {side} floored to {floored} (a multiple of {g.size_multiple})", stacklevel=3)
+        out.append(floored)
+    return out[0], out[1]
+
+
+def check_latents(model, latents, batch: int, latent_hw: tuple[int, int]) -> Tensor:
+    """`latents=` as sampling starts from it: [B, C, h, w] (or [C, h, w] for every image), finite floats."""
+    c, (h, w) = model.config.vae.latent_channels, latent_hw
+    if not isinstance(latents, Tensor):
+        raise ValueError(f"latents must be a torch.Tensor of shape [{batch}, {c}, {h}, {w}], got "
+                         f"{type(latents).__name__}")
+    if latents.ndim == 3:
+        latents = latents.unsqueeze(0).expand(batch, -1, -1, -1)
+    if tuple(latents.shape) != (batch, c, h, w):
+        raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs [{batch}, {c}, {h}, {w}] "
+                         f"({batch} images of {c} latent channels at the {h}x{w} latent size of the output) "
+                         f"or [{c}, {h}, {w}] for all of them")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be a floating-point tensor, got {latents.dtype}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or infinite values")
+    return latents
+
+
+def check_seed(seed, generator) -> int | None:
+    """The call's seed: 42 when neither a seed nor a generator is given; an error when both are."""
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("give either seed or generator, not both")
+        return None
+    if seed is None:
+        return 42
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 # ---- conditions --------------------------------------------------------------------------------------
@@ -133,11 +177,12 @@ class GenerationRequest:
 
     conds: list[tuple[Tensor, Tensor]]  # per branch: LLM condition [B, L, 2D] and mask, one row per sample
     latent_hw: tuple[int, int]
-    seeds: list[int]
+    seeds: list[int]  # image k's seed (the call's seed + k); unused when `generator` or `latents` is set
     combine: object
     ref: Tensor | None = None  # [B, L_ref, C] packed reference latents (editing)
     ref_branches: tuple[bool, ...] = ()  # which branches see the reference
-    extras: dict = field(default_factory=dict)
+    generator: object = None  # a torch.Generator or one per image, in place of the seeds
+    latents: Tensor | None = None  # [B, C, h, w] initial noise given by the caller
 
 
 def _stack_padded(conds: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -164,12 +209,13 @@ def decoder_inputs(model, req: GenerationRequest) -> DecoderInputs:
     return DecoderInputs(txt, mask, cls, n, ref, ref_ids, ref_mask)
 
 
-def initial_noise(model, seeds: list[int], latent_hw: tuple[int, int]) -> Tensor:
-    """Packed noise tokens; sample k uses its own CPU generator seeded with seeds[k] (device independent)."""
-    c = model.config.vae.latent_channels
-    h, w = latent_hw
-    noise = [torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return pack_latents(torch.cat(noise)).to(model.device, model.dtype)
+def initial_noise(model, seeds: list[int], latent_hw: tuple[int, int], generator=None) -> Tensor:
+    """Packed noise tokens [B, L, C] for images seeded seeds[0], seeds[0] + 1, ... (or drawn from
+    `generator`), as the model's `generation.noise` says (see sampling.draw_noise)."""
+    shape = (len(seeds), model.config.vae.latent_channels, *latent_hw)
+    noise = draw_noise(shape, seed=None if generator is not None else seeds[0], generator=generator,
+                       mode=model.config.generation.noise, device=model.device)
+    return pack_latents(noise).to(model.device, model.dtype)
 
 
 def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callback=None,
@@ -177,10 +223,15 @@ def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callb
     """Denoise from the request's noise; returns final packed latent tokens [B, L, C]."""
     g = model.config.generation
     h, w = req.latent_hw
-    x = initial_noise(model, req.seeds, req.latent_hw)
+    if req.latents is not None:
+        x = pack_latents(req.latents).to(model.device, model.dtype)
+    elif req.generator is not None:
+        x = initial_noise(model, req.seeds, req.latent_hw, generator=req.generator)
+    else:
+        x = initial_noise(model, req.seeds, req.latent_hw)
     img_ids = latent_ids(x.shape[0], h, w, device=x.device).to(x.dtype)
     shift = g.use_time_shift if shift is None else shift
-    timesteps = get_schedule(steps, x.shape[1], shift=shift)
+    timesteps = get_schedule(steps, x.shape[1], shift=shift, base_shift=g.base_shift, max_shift=g.max_shift)
     bar = _progress(steps, progress)
     cb = _chain(bar, callback)
     if mode == "plain":
@@ -229,8 +280,11 @@ def _denoise_plain(model, x, img_ids, req: GenerationRequest, timesteps, callbac
 
 
 def pixels_to_images(pixels: Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL RGB images, as every decoded image reaches the user."""
-    arr = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[B, 3, H, W] in [-1, 1] -> PIL RGB images, as every decoded image reaches the user.
+
+    Clamped, scaled and truncated to uint8 as the published code does (not rounded).
+    """
+    arr = (127.5 * (pixels.float().clamp(-1, 1) + 1)).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
 
@@ -239,86 +293,121 @@ def decode_latents(model, tokens: Tensor, latent_hw: tuple[int, int]) -> list[Im
 
 
 # ---- text to image -----------------------------------------------------------------------------------
-def t2i_request(model, prompts: list[str], height: int, width: int, guidance_scale: float, seed: int,
-                num_images_per_prompt: int) -> GenerationRequest:
+def vit_factor(model) -> int:
+    """Pixels per visual token side: patch size x hidden stride (28 for the release)."""
+    return model.config.vision.patch_size * model.config.adapter.hidden_stride
+
+
+def t2i_request(model, prompts: list[str], height: int, width: int, guidance_scale: float, seed: int | None,
+                num_images_per_prompt: int, blank_size: tuple[int, int] | None = None, generator=None,
+                latents: Tensor | None = None) -> GenerationRequest:
+    """Conditions for an output of height x width; the blank image is sized from `blank_size`, the size
+    the caller asked for before flooring (as in the published pipeline), by default the output size."""
     g = model.config.generation
-    blank = blank_image(height, width, g.blank_image_max_pixels)
+    blank = blank_image(*(blank_size or (height, width)), g.blank_image_max_pixels, vit_factor(model))
     texts = [t2i_prompts(p, g.t2i_prefix)[0] for p in prompts] + [t2i_prompts(prompts[0])[1]]
     cond, mask = encode_conditions(model, texts, [blank] * len(texts))
     n = num_images_per_prompt
     rows = torch.arange(len(prompts)).repeat_interleave(n)
     uncond = (cond[-1:].expand(len(rows), -1, -1), mask[-1:].expand(len(rows), -1))
     f = model.vae.downsample
-    return GenerationRequest(conds=[(cond[rows], mask[rows]), uncond], latent_hw=(height // f, width // f),
-                             seeds=[seed + k for k in range(len(rows))], combine=t2i_guidance(guidance_scale))
+    latent_hw = (height // f, width // f)
+    if latents is not None:
+        latents = check_latents(model, latents, len(rows), latent_hw)
+    return GenerationRequest(conds=[(cond[rows], mask[rows]), uncond], latent_hw=latent_hw,
+                             seeds=[(seed or 0) + k for k in range(len(rows))], combine=t2i_guidance(guidance_scale),
+                             generator=generator, latents=latents)
 
 
 @torch.no_grad()
 def text_to_image(model, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
-                  seed: int = 42, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
-                  progress: bool = True, output_type: str = "pil"):
-    """Images for one prompt or a list; image k of the call (prompt-major) uses seed + k."""
+                  seed: int | None = None, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
+                  progress: bool = True, output_type: str = "pil", generator=None, latents: Tensor | None = None):
+    """Images for one prompt or a list (prompt-major, num_images_per_prompt each).
+
+    The initial noise comes from `latents` ([B, C, h, w] or [C, h, w], used as given), else from
+    `generator` (one torch.Generator, or one per image), else from `seed` (42 by default; how a seed
+    becomes noise is the model's `generation.noise`).
+    """
     g = model.config.generation
     prompts = check_prompts(prompt)
     check_mode(mode)
     check_output_type(output_type)
     n = check_count(num_images_per_prompt)
-    height, width = resolve_size(model, height, width)
+    seed = check_seed(seed, generator)
+    asked = requested_size(model, height, width)
+    height, width = resolve_size(model, *asked)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
     steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
     scale = check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
-    req = t2i_request(model, prompts, height, width, scale, int(seed), n)
+    req = t2i_request(model, prompts, height, width, scale, seed, n, blank_size=asked, generator=generator,
+                      latents=latents)
     tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
     return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
 
 
 # ---- editing -----------------------------------------------------------------------------------------
 def edit_size(model, image: Image.Image) -> tuple[int, int]:
+    """The edit's output size: smart_resize of the input with the model's edit bounds (published: factor 32,
+    at most 14*14*4*1280 pixels, so a 1024x1024 input gives 992x992)."""
     g = model.config.generation
-    h, w = smart_resize(image.height, image.width, factor=g.size_multiple, min_pixels=g.min_side ** 2,
+    return smart_resize(image.height, image.width, factor=g.edit_size_multiple, min_pixels=g.edit_min_pixels,
                         max_pixels=g.edit_max_pixels)
-    return min(max(h, g.min_side), g.max_side), min(max(w, g.min_side), g.max_side)
 
 
 def edit_request(model, image: Image.Image, instructions: list[str], txt_scale: float, img_scale: float,
-                 seed: int, num_images_per_prompt: int) -> GenerationRequest:
+                 seed: int | None, num_images_per_prompt: int, generator=None,
+                 latents: Tensor | None = None) -> GenerationRequest:
+    """Three branches: (instruction, image + reference), (unconditional text, image + reference) and
+    (unconditional text, blank image, no reference). The image is first resized to the output size; the
+    ViT reads it scaled down to at most `edit_image_max_pixels`, the VAE at the output size."""
+    g = model.config.generation
     height, width = edit_size(model, image)
     resized = image.resize((width, height), Image.Resampling.BICUBIC)
-    blank = blank_image(height, width, model.config.generation.blank_image_max_pixels)
-    texts = [generation_prompt(t) for t in instructions] + [generation_prompt(UNCOND_TEXT)] * 2
-    cond, mask = encode_conditions(model, texts, [image] * (len(instructions) + 1) + [blank])
+    seen = generation_image(resized, g.edit_image_max_pixels, vit_factor(model))
+    blank = blank_image(height, width, g.blank_image_max_pixels, vit_factor(model))
+    texts = [edit_prompt(t) for t in instructions] + [generation_prompt(UNCOND_TEXT)] * 2
+    cond, mask = encode_conditions(model, texts, [seen] * (len(instructions) + 1) + [blank])
     rows = torch.arange(len(instructions)).repeat_interleave(num_images_per_prompt)
     b = len(rows)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1)
-    latents = model.vae.encode(pixels.permute(2, 0, 1)[None].to(model.device))
-    ref = pack_latents(latents).to(model.dtype).expand(b, -1, -1)
+    ref = pack_latents(model.vae.encode(pixels.permute(2, 0, 1)[None].to(model.device)))
+    ref = ref.to(model.dtype).expand(b, -1, -1)
     k = len(instructions)
     conds = [(cond[rows], mask[rows]),
              (cond[k:k + 1].expand(b, -1, -1), mask[k:k + 1].expand(b, -1)),
              (cond[k + 1:].expand(b, -1, -1), mask[k + 1:].expand(b, -1))]
     f = model.vae.downsample
-    return GenerationRequest(conds=conds, latent_hw=(height // f, width // f), seeds=[seed + i for i in range(b)],
+    latent_hw = (height // f, width // f)
+    if latents is not None:
+        latents = check_latents(model, latents, b, latent_hw)
+    return GenerationRequest(conds=conds, latent_hw=latent_hw, seeds=[(seed or 0) + i for i in range(b)],
                              combine=edit_guidance(txt_scale, img_scale), ref=ref,
-                             ref_branches=(True, True, False))
+                             ref_branches=(True, True, False), generator=generator, latents=latents)
 
 
 @torch.no_grad()
 def edit(model, image, instruction, num_inference_steps=None, guidance_scale=None, image_guidance_scale=None,
-         seed: int = 42, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
-         progress: bool = True, output_type: str = "pil"):
-    """Edited images of `image` for one instruction or a list; output size from smart_resize of the input."""
+         seed: int | None = None, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
+         progress: bool = True, output_type: str = "pil", generator=None, latents: Tensor | None = None):
+    """Edited images of `image` for one instruction or a list; output size from smart_resize of the input.
+
+    `latents`, `generator` and `seed` choose the initial noise as in `text_to_image`. The reference image
+    is encoded to the VAE posterior's mean (the release samples it from the global RNG, unseeded).
+    """
     g = model.config.generation
     source = load_image(image)
     instructions = check_prompts(instruction, "instruction")
     check_mode(mode)
     check_output_type(output_type)
     n = check_count(num_images_per_prompt)
+    seed = check_seed(seed, generator)
     default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
     steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
     txt = check_scale("guidance_scale", g.edit_guidance_scale if guidance_scale is None else guidance_scale)
     img = check_scale("image_guidance_scale",
                        g.image_guidance_scale if image_guidance_scale is None else image_guidance_scale)
-    req = edit_request(model, source, instructions, txt, img, int(seed), n)
+    req = edit_request(model, source, instructions, txt, img, seed, n, generator=generator, latents=latents)
     tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
     return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
 

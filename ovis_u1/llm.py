@@ -2,8 +2,10 @@
 
 1. Input side: placeholder ids in `input_ids` (the visual atom and the image indicators, all negative)
    are replaced in `inputs_embeds` by visual embeddings (visual-token probabilities @ VTE) and by VTE rows.
+   Indicator -301-k takes VTE row V-5+k, as the published code does: row V-5 is also the last visual word's
+   row (the head has V-4 columns), an overlap the published model has and this one keeps.
 2. Output side (generation path): the condition is the concatenation of the last two hidden layers over
-   all prompt tokens, image tokens included.
+   all prompt tokens, image tokens included: the last layer first, then the one before it.
 """
 
 from __future__ import annotations
@@ -44,12 +46,16 @@ def embed_multimodal(llm: Qwen3ForCausalLM, vte: torch.nn.Embedding, input_ids: 
     embeds = embeds.clone()
     if n_atoms:
         embeds[atoms] = (visual_probs.to(vte.weight.dtype) @ vte.weight).to(embeds.dtype)
-    v = vte.num_embeddings
     for k, ind in enumerate(INDICATOR_IDS):
         where = input_ids == ind
         if where.any():
-            embeds[where] = vte.weight[v - len(INDICATOR_IDS) + k].to(embeds.dtype)
+            embeds[where] = vte.weight[indicator_row(vte.num_embeddings, k)].to(embeds.dtype)
     return embeds
+
+
+def indicator_row(vocab_size: int, k: int) -> int:
+    """VTE row of indicator id -301-k: V-5+k (the published code embeds rows V-5..V-1 and takes the k-th)."""
+    return vocab_size - len(INDICATOR_IDS) - 1 + k
 
 
 class VisualPositions(torch.nn.Module):
@@ -104,12 +110,12 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def condition_hidden_states(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-    """[B, L, D] embeddings -> [B, L, 2D]: the LLM's last two hidden layers, concatenated."""
+    """[B, L, D] embeddings -> [B, L, 2D]: the LLM's last hidden layer, then the one before it."""
     out = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
                     use_cache=False)
     hs = out.hidden_states
-    return torch.cat([hs[-2], hs[-1]], dim=-1)
+    return torch.cat([hs[-1], hs[-2]], dim=-1)
 
 
 @torch.no_grad()

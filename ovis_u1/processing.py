@@ -33,12 +33,10 @@ if TYPE_CHECKING:
 # model swaps them for visual/indicator embeddings before the embedding lookup.
 IGNORE_ID = -100
 IMAGE_TOKEN_ID = -200
-VIDEO_TOKEN_ID = -201
 VISUAL_ATOM_ID = -300
 INDICATOR_IDS = (-301, -302, -303, -304)
 IMAGE_PLACEHOLDER = "<image>"
 
-T2I_PREFIX = PUBLISHED_T2I_PREFIX
 UNCOND_TEXT = "Generate an image."
 
 MAX_ASPECT_RATIO = 200
@@ -165,18 +163,36 @@ def _gray_to_rgb(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.nan_to_num(np.rint(a)).astype(np.uint8), mode="L").convert("RGB")
 
 
-def blank_image(height: int, width: int, max_pixels: int) -> Image.Image:
-    """White RGB image with the aspect ratio of height x width, scaled down to at most max_pixels.
+# The published smart_resize's default lower bound, which its generation pipeline leaves in place.
+GENERATION_MIN_PIXELS = 56 * 56
 
-    Text-to-image always sends such an image through the ViT, so the generation prompt keeps its
-    `<image>` slot; only its aspect ratio carries information.
+
+def generation_image_size(height: int, width: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """(h, w) the published generation pipeline resizes a prompt's image to before the ViT reads it:
+    smart_resize(factor, min 56^2, max = the processor's min_pixels), so at most max_pixels pixels.
+
+    `factor` is patch size x hidden stride (28 for the release). The ViT's own preprocessing then
+    smart-resizes the result again, within the processor's usual bounds.
+    """
+    return smart_resize(height, width, factor, min(GENERATION_MIN_PIXELS, max_pixels), max_pixels)
+
+
+def blank_image(height: int, width: int, max_pixels: int, factor: int = 28) -> Image.Image:
+    """White RGB image for a height x width target, sized as the published pipeline sizes it for the ViT.
+
+    Text-to-image always sends such an image through the ViT (and editing's no_both branch does), so the
+    generation prompt keeps its `<image>` slot; only its aspect ratio carries information.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"blank image size must be positive, got {height}x{width}")
-    if height * width > max_pixels:
-        scale = math.sqrt(max_pixels / (height * width))
-        height, width = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
-    return Image.new("RGB", (width, height), (255, 255, 255))
+    h, w = generation_image_size(height, width, max_pixels, factor)
+    return Image.new("RGB", (w, h), (255, 255, 255))
+
+
+def generation_image(image: Image.Image, max_pixels: int, factor: int = 28) -> Image.Image:
+    """An edit's image as the ViT gets it: resized (bicubic) to `generation_image_size`, at most max_pixels."""
+    h, w = generation_image_size(image.height, image.width, max_pixels, factor)
+    return image if image.size == (w, h) else image.resize((w, h), Image.Resampling.BICUBIC)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +202,12 @@ def blank_image(height: int, width: int, max_pixels: int) -> Image.Image:
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 448 * 448,
                  max_pixels: int = 1792 * 1792) -> tuple[int, int]:
-    """Qwen2-VL resize target: sides divisible by `factor`, pixels in [min, max], aspect ratio kept."""
+    """Qwen2-VL resize target: sides divisible by `factor`, pixels in [min, max], aspect ratio kept.
+
+    The published rule, including its handling of a side shorter than `factor` (scaled up to it first).
+    Two departures where the published one breaks: an aspect ratio over 200 is refused (it silently
+    distorts the image), and a side never floors to 0 (it would crash).
+    """
     if height <= 0 or width <= 0:
         raise ImageInputError(f"image size must be positive, got {height}x{width}")
     if min_pixels > max_pixels or max_pixels < factor * factor:
@@ -196,8 +217,13 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 44
         raise ImageInputError(f"aspect ratio of {height}x{width} is "
                               f"{max(height, width) / min(height, width):.1f}; at most {MAX_ASPECT_RATIO} "
                               "is supported, crop or pad the image")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    if height < factor or width < factor:
+        if height < width:
+            height, width = factor, round(factor / height * width)
+        else:
+            height, width = round(factor / width * height), factor
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
@@ -308,14 +334,20 @@ def _user_turn(content: str) -> str:
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
 def _chat_parts(question: str, num_images: int, enable_thinking: bool, history: Sequence[Turn]
                 ) -> tuple[list[tuple[str, str]], str]:
-    """([(templated user turn, its answer) for each earlier turn], the templated final user turn)."""
+    """([(templated user turn + assistant header, its answer) for each earlier turn], the final such turn).
+
+    As the published formatter does, every assistant turn (earlier ones too) opens with an empty think
+    block when thinking is off, and none does when it is on.
+    """
     history = check_history(history)
     contents = _user_contents([q for q, _ in history] + [question], num_images)
-    # Qwen3's template drops the think block from earlier assistant turns and keeps it on the last one.
-    final = _user_turn(contents[-1]) + ("" if enable_thinking else "<think>\n\n</think>\n\n")
-    return [(_user_turn(c), a) for c, (_, a) in zip(contents, history)], final
+    think = "" if enable_thinking else EMPTY_THINK
+    return [(_user_turn(c) + think, a) for c, (_, a) in zip(contents, history)], _user_turn(contents[-1]) + think
 
 
 def understanding_prompt(question: str, num_images: int, enable_thinking: bool = False,
@@ -334,15 +366,18 @@ def generation_prompt(text: str) -> str:
     return f"<|im_start|>user\n{IMAGE_PLACEHOLDER}\n{text}<|im_end|>\n"
 
 
-def t2i_prompts(prompt: str, prefix: str = T2I_PREFIX) -> tuple[str, str]:
+def t2i_prompts(prompt: str, prefix: str = PUBLISHED_T2I_PREFIX) -> tuple[str, str]:
     """(conditional, unconditional) text-to-image prompts, both used with a blank white image.
 
-    `prefix` is the model's `generation.t2i_prefix` (the published one by default; "" for none).
+    `prefix` is the model's `generation.t2i_prefix` (the published one by default; "" for none). The
+    published code joins it to the prompt as written: no space added, nothing stripped.
     """
-    # The facts sheet gives "T2I_PREFIX + prompt"; the prefix ends in ':' and we join with one space
-    # (the exact published spacing is unverified).
-    text = f"{prefix} {prompt.strip()}" if prefix else prompt.strip()
-    return generation_prompt(text), generation_prompt(UNCOND_TEXT)
+    return generation_prompt(prefix + prompt), generation_prompt(UNCOND_TEXT)
+
+
+def edit_prompt(instruction: str) -> str:
+    """The conditional editing prompt: the published code strips the instruction first."""
+    return generation_prompt(instruction.strip())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,12 +462,21 @@ def understanding_example(tokenizer: Any, question: str, answer: str, num_images
     tail = tokenizer.encode("\n", add_special_tokens=False)
     ids: list[int] = []
     labels: list[int] = []
-    for user, a in [*past, (final, answer)]:
-        prompt = tokenize_prompt(tokenizer, user)
-        # Tokenised separately so the label boundaries are exact token boundaries.
-        target = tokenizer.encode(a + "<|im_end|>", add_special_tokens=False)
-        ids += prompt + target + tail
-        labels += [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
+    for user, a in past:
+        # An earlier turn is tokenised whole, as inference tokenises the prompt that holds it (a byte-level
+        # BPE may merge the think block's last newline into the answer); the labels start where its ids
+        # leave those of the header alone.
+        turn = tokenize_prompt(tokenizer, user + a + "<|im_end|>")
+        header = tokenize_prompt(tokenizer, user)
+        n = next((i for i, (x, y) in enumerate(zip(turn, header)) if x != y), len(header))
+        ids += turn + tail
+        labels += [IGNORE_ID] * n + turn[n:] + [IGNORE_ID] * len(tail)
+    # The last turn ends the inference prompt right after its header, so header and answer are tokenised
+    # apart: the label boundary is then an exact token boundary.
+    prompt = tokenize_prompt(tokenizer, final)
+    target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    ids += prompt + target + tail
+    labels += [IGNORE_ID] * len(prompt) + target + [IGNORE_ID] * len(tail)
     return ids, labels
 
 

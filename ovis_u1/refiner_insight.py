@@ -38,6 +38,7 @@ from .inference import (
     resolve_size,
     sample,
     t2i_request,
+    vit_factor,
 )
 from .processing import (
     IMAGE_PLACEHOLDER,
@@ -128,7 +129,7 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
     (prompt,) = check_prompts(prompt)
     g = model.config.generation
     height, width = resolve_size(model, height, width)
-    blank = blank_image(height, width, g.blank_image_max_pixels)
+    blank = blank_image(height, width, g.blank_image_max_pixels, vit_factor(model))
     batch = prepare_inputs(model.tokenizer, [t2i_prompts(prompt, g.t2i_prefix)[0]], [[blank]], model.config,
                            pad_side="right", max_length=g.multimodal_max_length)
     cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)

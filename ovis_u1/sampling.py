@@ -37,12 +37,54 @@ def shift_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096,
     return base_shift + slope * (image_seq_len - base_len)
 
 
-def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> Tensor:
-    """num_steps + 1 times from 1 to 0 (float64, so exact and plain modes share the very same values)."""
+def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True, base_shift: float = 0.5,
+                 max_shift: float = 1.15) -> Tensor:
+    """num_steps + 1 times from 1 to 0 (float64, so exact and plain modes share the very same values).
+
+    With `shift`, mu runs linearly from base_shift at 256 image tokens to max_shift at 4096 (the decoder
+    config's `base_shift` / `max_shift`).
+    """
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
     t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    return time_shift(shift_mu(image_seq_len), t) if shift else t
+    mu = shift_mu(image_seq_len, base_shift=base_shift, max_shift=max_shift)
+    return time_shift(mu, t) if shift else t
+
+
+NOISE_MODES = ("per_sample", "published")
+
+
+def draw_noise(shape: tuple[int, int, int, int], seed: int | None = None, generator=None,
+               mode: str = "per_sample", device: torch.device | str = "cpu") -> Tensor:
+    """Initial noise [B, C, h, w] from a seed or from torch.Generators (`GenerationConfig.noise` says how).
+
+    "published" (the release's get_noise): one draw of the whole batch in bfloat16 on `device`, from a
+    generator seeded with `seed`, so a seed gives the release's noise on that device. "per_sample": image k
+    from a float32 CPU generator seeded with seed + k, so an image does not depend on the device or on
+    the batch it is drawn in. `generator` replaces the seed: one generator draws the whole batch, a list
+    draws one image each (as diffusers pipelines take them), in the mode's dtype on the generator's device.
+    """
+    if mode not in NOISE_MODES:
+        raise ValueError(f"noise mode {mode!r}; choose one of {NOISE_MODES}")
+    if (seed is None) == (generator is None):
+        raise ValueError("give exactly one of seed and generator")
+    b = shape[0]
+    dtype = torch.bfloat16 if mode == "published" else torch.float32
+    if generator is None:
+        if mode == "published":
+            device = torch.device(device)
+            return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device,
+                               dtype=dtype)
+        return torch.cat([torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed(seed + k),
+                                      dtype=dtype) for k in range(b)])
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    generators = list(generator)
+    if len(generators) != b or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator must be a torch.Generator or a list of {b} of them (one per image), "
+                         f"got {len(generators)} items")
+    return torch.cat([torch.randn(1, *shape[1:], generator=g, device=g.device, dtype=dtype).to(generators[0].device)
+                      for g in generators])
 
 
 def t2i_guidance(scale: float) -> Callable[[Tensor], Tensor]:

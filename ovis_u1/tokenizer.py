@@ -15,7 +15,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .processing import T2I_PREFIX, UNCOND_TEXT
+from .config import PUBLISHED_T2I_PREFIX
+from .processing import UNCOND_TEXT
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -71,7 +72,7 @@ def default_corpus() -> list[str]:
     """A few hundred short sentences covering the prompt templates and the synthetic-scene vocabulary."""
     corpus = [
         "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
-        T2I_PREFIX, UNCOND_TEXT, "Image 1: Image 2: Image 3:",
+        PUBLISHED_T2I_PREFIX, UNCOND_TEXT, "Image 1: Image 2: Image 3:",
         "What is in the image? Describe the image. How many objects are there? What color is it?",
         "Change the color of the object. Make it larger. Remove the background. Add a shape.",
         "Yes. No. There is a picture of a scene with objects on a plain background.",

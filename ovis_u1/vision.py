@@ -43,19 +43,32 @@ class Preprocessor(nn.Module):
         super().__init__()
         self.cfg, self.stride = cfg, hidden_stride
         self.patchifier = Patchifier(cfg)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_grid**2, cfg.hidden_size))
+        if cfg.interpolate_pe_method not in ("two_dim", "one_dim"):
+            raise ValueError(f"interpolate_pe_method {cfg.interpolate_pe_method!r}; choose 'two_dim' or 'one_dim'")
+        # The published `preserve_original_pe`: without it the encoder has no position table at all.
+        self.pos_embed = (nn.Parameter(torch.zeros(1, cfg.pos_grid**2, cfg.hidden_size))
+                          if cfg.preserve_original_pe else None)
 
     def position_embedding(self, h: int, w: int) -> Tensor:
-        """The learned table resized bicubically to an (h, w) grid, in merge-group order: [h*w, D]."""
+        """The learned table resized to an (h, w) grid, in merge-group order: [h*w, D]. "two_dim" resizes
+        the g x g table bicubically; "one_dim" resizes the flattened sequence linearly to h*w entries."""
         g = self.cfg.pos_grid
-        table = rearrange(self.pos_embed, "1 (gh gw) d -> 1 d gh gw", gh=g, gw=g)
-        if (h, w) != (g, g):
-            table = F.interpolate(table.float(), size=(h, w), mode="bicubic", align_corners=False)
-        table = rearrange(table, "1 d h w -> (h w) d").to(self.pos_embed.dtype)
+        if self.cfg.interpolate_pe_method == "one_dim":
+            table = rearrange(self.pos_embed, "1 n d -> 1 d n")
+            if h * w != g * g:
+                table = F.interpolate(table.float(), size=h * w, mode="linear", align_corners=False)
+            table = rearrange(table, "1 d n -> n d").to(self.pos_embed.dtype)
+        else:
+            table = rearrange(self.pos_embed, "1 (gh gw) d -> 1 d gh gw", gh=g, gw=g)
+            if (h, w) != (g, g):
+                table = F.interpolate(table.float(), size=(h, w), mode="bicubic", align_corners=False)
+            table = rearrange(table, "1 d h w -> (h w) d").to(self.pos_embed.dtype)
         return table[merge_group_order(h, w, self.stride).to(table.device)]
 
     def forward(self, patches: Tensor, grid_thws: list[tuple[int, int, int]]) -> Tensor:
         x = self.patchifier(patches)
+        if self.pos_embed is None:
+            return x
         pos = torch.cat([self.position_embedding(h, w) for _, h, w in grid_thws])
         return x + pos
 
@@ -123,6 +136,8 @@ class VisualEncoder(nn.Module):
         quarter = head_dim // 4
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(quarter, device=device).float() / quarter))
         rows, cols = self._row_col_ids(grid_thws, device)
+        if not self.cfg.use_rope:  # published `disable_rope`: angle 0 leaves q and k as they are
+            rows, cols = torch.zeros_like(rows), torch.zeros_like(cols)
         freqs = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)  # [N, d/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half pairs dim i with i + d/2
         return emb.cos(), emb.sin()

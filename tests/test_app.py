@@ -453,8 +453,10 @@ def test_the_published_models_bounds_follow_its_config():
     from ovis_u1.config import PRESETS
     published = types.SimpleNamespace(config=PRESETS["ovis-u1-3b"]())
     assert app.prompt_token_limit(published) == 1024  # half its 2,048-token context
-    assert app.size_bounds(published) == (256, 2048)
-    assert all(max(hw) <= 2048 for hw in app.size_presets(published.config.generation, 256, 2048).values())
+    g = published.config.generation
+    assert app.size_bounds(published) == (g.min_side, g.max_side)
+    presets = app.size_presets(g, g.min_side, g.max_side)
+    assert len(presets) == 5 and next(iter(presets.values())) == (g.height, g.width)
 
 
 def test_checks_name_the_field_and_what_is_allowed(tiny_tokenizer):

@@ -172,7 +172,7 @@ def test_progress_bar(tiny_model, capsys):
 
 # ---- argument checks ----------------------------------------------------------------------------------
 def test_size_snapping_and_bounds(tiny_model):
-    with pytest.warns(UserWarning, match="height 40 snapped to 32"):
+    with pytest.warns(UserWarning, match="height 40 floored to 32"):  # the published generate_image floors
         images = tiny_model.text_to_image("a circle", height=40, width=64, num_inference_steps=1,
                                           progress=False)
     assert images[0].size == (64, 32)
@@ -460,3 +460,74 @@ def test_exif_rotation_applied(tiny_model):
     assert out.size == (w, h) and h > w  # portrait, as displayed
     q = "What is in the image?"
     assert tiny_model.answer(q, images=data) == tiny_model.answer(q, images=upright)
+
+
+# ---------------------------------------------------------------- initial noise: latents=, generator=, seed=
+def test_given_latents_give_the_same_result_through_every_entry_point(tiny_model, photo):
+    from ovis_u1 import inference as inf
+    c, f = tiny_model.config.vae.latent_channels, tiny_model.vae.downsample
+    lat = torch.randn(2, c, SIDE // f, SIDE // f, generator=torch.Generator().manual_seed(3))
+    keep = lat.clone()
+    a = tiny_model.text_to_image("a circle", num_images_per_prompt=2, latents=lat, **FAST)
+    b = tiny_model.text_to_image("a circle", num_images_per_prompt=2, latents=lat, mode="plain", **FAST)
+    req = inf.t2i_request(tiny_model, ["a circle"], SIDE, SIDE, tiny_model.config.generation.guidance_scale, None, 2,
+                          latents=lat)
+    c_ = inf.sample(tiny_model, req, 2, progress=False)
+    close(a, c_, atol=0)  # exact mode is the sampler itself
+    close(a, b)  # plain mode: the published loop, same result up to float noise
+    assert torch.equal(lat, keep)  # used as given, never written to
+    one = tiny_model.text_to_image("a circle", latents=lat[0], num_images_per_prompt=2, **FAST)  # [C, h, w]: all
+    close(one[0], one[1]), close(one[0], a[0])
+    h, w = inf.edit_size(tiny_model, photo)
+    elat = torch.randn(1, c, h // f, w // f, generator=torch.Generator().manual_seed(4))
+    e1 = tiny_model.edit(photo, "make it red", latents=elat, **EDIT)
+    e2 = tiny_model.edit(photo, "make it red", latents=elat, mode="plain", **EDIT)
+    close(e1, e2)
+    assert not torch.allclose(e1, tiny_model.edit(photo, "make it red", seed=1, **EDIT))
+
+
+def test_generator_equals_seed(tiny_model, photo):
+    by_seed = tiny_model.text_to_image("a circle", seed=7, num_images_per_prompt=2, **FAST)
+    gens = [torch.Generator().manual_seed(7 + k) for k in range(2)]  # per_sample: image k is seed + k
+    close(tiny_model.text_to_image("a circle", generator=gens, num_images_per_prompt=2, **FAST), by_seed, atol=0)
+    one = tiny_model.text_to_image("a circle", generator=torch.Generator().manual_seed(7), **FAST)
+    close(one, by_seed[:1])  # the same noise; a batch of one computes in another order (float noise)
+    close(tiny_model.edit(photo, "make it red", generator=torch.Generator().manual_seed(5), **EDIT),
+          tiny_model.edit(photo, "make it red", seed=5, **EDIT), atol=0)
+
+
+def test_published_noise_mode_draws_the_batch_from_one_bfloat16_generator(tiny_model):
+    from ovis_u1.sampling import draw_noise
+    g = tiny_model.config.generation
+    old = g.noise
+    try:
+        g.noise = "published"
+        got = tiny_model.text_to_image("a circle", seed=7, num_images_per_prompt=2, **FAST)
+        lhw = SIDE // tiny_model.vae.downsample
+        want = tiny_model.text_to_image("a circle", num_images_per_prompt=2, **FAST,
+                                        latents=draw_noise((2, 4, lhw, lhw), seed=7, mode="published"))
+        close(got, want, atol=0)
+        noise = draw_noise((2, 4, 8, 8), seed=7, mode="published")
+        assert noise.dtype == torch.bfloat16
+        assert torch.equal(noise, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7),
+                                              dtype=torch.bfloat16))
+    finally:
+        g.noise = old
+
+
+L = 16  # the tiny VAE halves each side: 32 px -> 16 latent rows and columns
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"latents": torch.zeros(3, 4, L, L)}, r"shape \(3, 4, 16, 16\); this call needs \[1, 4, 16, 16\]"),
+    ({"latents": torch.zeros(1, 4, L)}, "shape"), ({"latents": torch.zeros(1, 4, 8, 8)}, "latent size"),
+    ({"latents": torch.full((1, 4, L, L), float("nan"))}, "NaN or infinite"),
+    ({"latents": torch.zeros(1, 4, L, L, dtype=torch.long)}, "floating-point"),
+    ({"latents": np.zeros((1, 4, L, L))}, "torch.Tensor"),
+    ({"seed": 1, "generator": torch.Generator()}, "either seed or generator"),
+    ({"generator": [torch.Generator()] * 2}, "list of 1"),
+    ({"seed": -1}, "seed must be an integer"), ({"seed": "abc"}, "seed must be an integer"),
+])
+def test_bad_noise_arguments_are_refused(tiny_model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.text_to_image("a circle", **FAST, **bad)

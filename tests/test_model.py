@@ -148,8 +148,9 @@ def test_vte_embedding_merge(tiny_model):
     atoms = ids[0] == VISUAL_ATOM_ID
     torch.testing.assert_close(embeds[0, atoms], probs @ vte)
     v = vte.shape[0]
-    torch.testing.assert_close(embeds[0, 3], vte[v - 4])  # indicator_0 -> VTE row V-4
-    torch.testing.assert_close(embeds[0, 4 + n], vte[v - 3])
+    # As published: indicator -301-k -> VTE row V-5+k (row V-5 is also the last visual word's)
+    torch.testing.assert_close(embeds[0, 3], vte[v - 5])
+    torch.testing.assert_close(embeds[0, 4 + n], vte[v - 4])
     for pos, tid in ((0, 5), (1, 6), (2, 7), (-2, 9), (-1, 10)):
         torch.testing.assert_close(embeds[0, pos], text[tid])
     with pytest.raises(ValueError, match="visual-token positions"):
@@ -178,8 +179,9 @@ def test_condition_is_last_two_hidden_layers(tiny_model):
         h2.remove()
     d = tiny_model.config.llm.hidden_size
     assert cond.shape == (2, ids.shape[1], 2 * d)
-    torch.testing.assert_close(cond[..., :d], seen["last_layer_input"])
-    torch.testing.assert_close(cond[..., d:], seen["final_norm_output"])
+    # The published order: the last hidden state (after the final norm) first, then the one before it.
+    torch.testing.assert_close(cond[..., :d], seen["final_norm_output"])
+    torch.testing.assert_close(cond[..., d:], seen["last_layer_input"])
     # Right padding does not touch the real tokens (causal LLM), and rows are independent.
     alone = tiny_model.condition(ids[1:, :-2], mask[1:, :-2], patches, grids)
     torch.testing.assert_close(cond[1:, :-2], alone, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from einops import rearrange
 from PIL import Image
 
 from ovis_u1 import processing as P
-from ovis_u1.config import CLIP_MEAN, CLIP_STD, get_preset
+from ovis_u1.config import CLIP_MEAN, CLIP_STD, PUBLISHED_T2I_PREFIX, get_preset
 from ovis_u1.tokenizer import build_tokenizer, default_corpus, load_tokenizer
 
 
@@ -108,7 +108,18 @@ def test_blank_image():
     assert img.mode == "RGB" and img.width * img.height <= 448 * 448
     assert abs(img.height / img.width - 2) < 0.01
     assert np.asarray(img).min() == 255
-    assert P.blank_image(20, 30, 448 * 448).size == (30, 20)
+    # The published generation rule: smart_resize(factor 28, min 56^2, max = the cap), so a small target
+    # grows to the factor grid (golden/cases.json "sizes" checks 240 targets at the release's bounds).
+    assert P.blank_image(20, 30, 448 * 448).size == (84, 56)
+    assert P.blank_image(64, 64, 32 * 32, factor=16).size == (32, 32)
+
+
+def test_generation_image_is_capped_and_kept_when_small_enough():
+    big = Image.new("RGB", (1000, 800))
+    seen = P.generation_image(big, 448 * 448)
+    assert seen.width * seen.height <= 448 * 448 and seen.width % 28 == 0 and seen.height % 28 == 0
+    small = Image.new("RGB", (64, 64))
+    assert P.generation_image(small, 64 * 64, factor=16) is small
 
 
 # ---------------------------------------------------------------- load_image errors
@@ -240,8 +251,9 @@ def test_understanding_prompt_strings():
 def test_understanding_prompt_with_history():
     history = [("What color is the circle?", "red"), ("And the square?", "blue")]
     assert P.understanding_prompt("How many?", 1, history=history) == (
-        "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
-        "<|im_start|>user\nAnd the square?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n<|im_start|>assistant\n"
+        "<think>\n\n</think>\n\nred<|im_end|>\n"
+        "<|im_start|>user\nAnd the square?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nblue<|im_end|>\n"
         "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # placeholders may sit in any turn; together they must match the images
     later = P.understanding_prompt("Now compare <image>.", 2, history=[("Look at <image>.", "ok")])
@@ -262,9 +274,12 @@ def test_history_is_checked(bad, match):
 def test_generation_prompts():
     assert P.generation_prompt("a cat") == "<|im_start|>user\n<image>\na cat<|im_end|>\n"
     cond, uncond = P.t2i_prompts("a red circle")
-    assert cond == f"<|im_start|>user\n<image>\n{P.T2I_PREFIX} a red circle<|im_end|>\n"
+    # The published code joins prefix and prompt as written: no space, no strip.
+    assert cond == f"<|im_start|>user\n<image>\n{PUBLISHED_T2I_PREFIX}a red circle<|im_end|>\n"
+    assert P.t2i_prompts(" two squares ", "")[0] == "<|im_start|>user\n<image>\n two squares <|im_end|>\n"
     assert uncond == "<|im_start|>user\n<image>\nGenerate an image.<|im_end|>\n"
-    assert P.T2I_PREFIX.endswith("spatial relationships of the objects:")
+    assert PUBLISHED_T2I_PREFIX.endswith("spatial relationships of the objects:")
+    assert P.edit_prompt("  make it blue \n") == "<|im_start|>user\n<image>\nmake it blue<|im_end|>\n"
     with pytest.raises(ValueError, match="must not contain"):
         P.generation_prompt("<image> a cat")
 
@@ -342,7 +357,9 @@ def test_conversation_labels_cover_every_answer_and_match_the_inference_prompt(t
     history = [("How many objects are there?", "two"), ("Describe the image.", "a red circle and a blue square")]
     ids, labels = P.understanding_example(tok, "What color is the square?", "blue", 1, history=history)
     kept = [i for i, lab in zip(ids, labels, strict=True) if lab != P.IGNORE_ID]
-    assert tok.decode(kept) == "two<|im_end|>a red circle and a blue square<|im_end|>blue<|im_end|>"
+    # An earlier turn's first label may carry the think block's last newline (its tokens are those of the
+    # whole prompt, where the byte-level BPE merges it into the answer).
+    assert tok.decode(kept).replace("\n", "") == "two<|im_end|>a red circle and a blue square<|im_end|>blue<|im_end|>"
     # what answer() feeds for the last turn is exactly the ids before the last answer
     prompt = P.tokenize_prompt(tok, P.understanding_prompt("What color is the square?", 1, history=history))
     assert ids[:len(prompt)] == prompt and all(lab == P.IGNORE_ID for lab in labels[len(prompt) - 3:len(prompt)])
@@ -395,7 +412,7 @@ def test_tokenizer_build_save_reload(tmp_path):
 
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(tmp_path)
-    samples = [P.understanding_prompt("How many red circles?", 1), "naïve café ✓ 東京 😀", P.T2I_PREFIX]
+    samples = [P.understanding_prompt("How many red circles?", 1), "naïve café ✓ 東京 😀", PUBLISHED_T2I_PREFIX]
     for text in samples:
         ids = tok.encode(text, add_special_tokens=False)
         assert again.encode(text, add_special_tokens=False) == ids

@@ -16,12 +16,14 @@ from PIL import Image
 from torch import Tensor
 
 from ovis_u1.decoder import latent_ids, pack_latents
-from ovis_u1.inference import encode_conditions, refine
+from ovis_u1.inference import encode_conditions, refine, vit_factor
 from ovis_u1.processing import (
     IGNORE_ID,
     UNCOND_TEXT,
     blank_image,
+    edit_prompt,
     expand_example,
+    generation_image,
     generation_prompt,
     image_patches,
     num_visual_tokens,
@@ -109,7 +111,8 @@ def t2i_loss(model, samples, generator: torch.Generator, cond_dropout: float = 0
     prefix = model.config.generation.t2i_prefix
     texts = [t2i_prompts(s.caption, prefix)[0 if k else 1] for s, k in zip(samples, keep)]
     g = model.config.generation
-    blanks = [blank_image(s.image.height, s.image.width, g.blank_image_max_pixels) for s in samples]
+    blanks = [blank_image(s.image.height, s.image.width, g.blank_image_max_pixels, vit_factor(model))
+              for s in samples]
     cond, mask = _conditions(model, texts, blanks)
     return flow_loss(model, x0, cond, mask, hw, generator=generator)
 
@@ -126,11 +129,11 @@ def edit_loss(model, samples, generator: torch.Generator, cond_dropout: float = 
     for s, r in zip(samples, u.tolist()):
         if r < cond_dropout:  # no_both: unconditional text, blank image, no reference
             texts.append(generation_prompt(UNCOND_TEXT))
-            images.append(blank_image(s.source.height, s.source.width, g.blank_image_max_pixels))
+            images.append(blank_image(s.source.height, s.source.width, g.blank_image_max_pixels, vit_factor(model)))
             sees_ref.append(False)
-        else:
-            texts.append(generation_prompt(UNCOND_TEXT if r < 2 * cond_dropout else s.instruction))
-            images.append(s.source)
+        else:  # the inputs edit() builds: the source as the ViT reads it, the instruction stripped
+            texts.append(generation_prompt(UNCOND_TEXT) if r < 2 * cond_dropout else edit_prompt(s.instruction))
+            images.append(generation_image(s.source, g.edit_image_max_pixels, vit_factor(model)))
             sees_ref.append(True)
     cond, mask = _conditions(model, texts, images)
     ref_mask = torch.tensor(sees_ref, device=ref.device)[:, None].expand(-1, ref.shape[1])
