@@ -209,17 +209,18 @@ def data_url_bytes(url: str, max_bytes: int) -> bytes:
     """The image in a `data:` URL (sent through the API instead of an upload), within the upload limit."""
     body = url.partition(",")[2]
     if len(body) > 4 * max_bytes // 3 + 4:
-        raise user_error(f"the image sent as a data: URL is over the {max_bytes / 2**20:g} MB upload limit")
+        raise user_error(f"the image sent inline (data: URL or base64 text) is over the {max_bytes / 2**20:g} MB "
+                         "upload limit")
     try:
         return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
-        raise user_error("the image sent as a data: URL is not valid base64 "
-                         "(expected 'data:image/png;base64,<data>')") from None
+        raise user_error("the image sent inline is not valid base64 (expected 'data:image/png;base64,<data>' "
+                         "or the base64 text alone)") from None
 
 
 def load_upload(src, name: str | None = None) -> Image.Image:
     """An uploaded image (a path, or the bytes of a data: URL), decoded after its header passed the budget."""
-    name = name or (Path(src).name if isinstance(src, (str, Path)) else "sent as a data: URL")
+    name = name or (Path(src).name if isinstance(src, (str, Path)) else "sent inline (data: URL or base64 text)")
     if isinstance(src, bytes):
         try:
             image = load_image(src, max_pixels=MAX_IMAGE_PIXELS)

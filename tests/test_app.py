@@ -317,7 +317,7 @@ def test_images_sent_inline_through_the_api(server, reference):
     settings = ["make it red", STEPS, 3.0, 1.5, 1, "exact"]
     meta = {"meta": {"_type": "gradio.FileData"}}
     refused(raw(server, "edit", [{"url": data_url(png_header_only(13000, 13000)), **meta}, *settings]),
-            "the image sent as a data: URL is a suspected decompression bomb")
+            "the image sent inline (data: URL or base64 text) is a suspected decompression bomb")
     refused(raw(server, "edit", [{"url": data_url(png_header_only(30000, 30000))}, *settings]), "decompression bomb")
     refused(raw(server, "edit", [{"url": data_url(b"not an image"), **meta}, *settings]), "not a readable image")
     refused(raw(server, "edit", [{"url": "data:image/png;base64,@@@@", **meta}, *settings]), "not valid base64")
@@ -485,7 +485,7 @@ def test_images_are_refused_by_their_header_before_any_decoding(tmp_path):
         path.write_bytes(png_header_only(side, side))
         with pytest.raises(gr.Error, match=re.escape(f"image 'h{side}.png' {needle}")):
             app.load_upload(str(path))
-    with pytest.raises(gr.Error, match="data: URL is not valid base64"):
+    with pytest.raises(gr.Error, match="sent inline is not valid base64"):
         app.data_url_bytes("data:image/png;base64,@@", 2**20)
     with pytest.raises(gr.Error, match="over the 1 MB upload limit"):
         app.data_url_bytes(data_url(os.urandom(2 * 2**20)), 2**20)
