@@ -14,6 +14,7 @@ The model is the shipped default (`OvisU1.from_pretrained()`) unless `--checkpoi
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import PRESETS
+from .inference import MAX_IMAGES_PER_CALL as MAX_IMAGES
 from .inference import MODES
 from .processing import ImageInputError, load_image
 
@@ -85,9 +87,7 @@ def load_model(args):
 
     if args.checkpoint and args.preset:
         raise UsageError("give --checkpoint or --preset, not both")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} but no CUDA device is available")
+    device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cpu_offload and device.type != "cuda":
         raise UsageError("--cpu-offload needs a CUDA device")
@@ -106,6 +106,60 @@ def load_model(args):
     return model
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+MAX_SEED = 2**63 - 1  # seed + k seeds a torch generator, which takes up to 64 bits
+
+
+def parse_device(text: str | None) -> torch.device:
+    """--device as a torch.device that exists here, or a UsageError saying what is allowed."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "cpu, cuda, cuda:N (N a GPU index) or mps"
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise UsageError(f"--device {text!r} is not a device; use {allowed}")
+    device = torch.device(text)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {text} but no CUDA device is available")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text} but this machine has {count} CUDA device(s): cuda:0 to "
+                             f"cuda:{count - 1}")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {text} but no MPS device is available")
+    return device
+
+
+def check_args(args) -> None:
+    """What argparse cannot check: text that is valid UTF-8 (an argument's undecodable bytes reach Python as
+    lone surrogates), a seed the generators take."""
+    for flag in ("prompt", "question", "instruction"):
+        for k, value in enumerate(getattr(args, flag, None) or []):
+            _utf8(value, f"--{flag} #{k + 1}" if len(getattr(args, flag)) > 1 else f"--{flag}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= MAX_SEED - MAX_IMAGES:
+        raise UsageError(f"--seed must be an integer in [0, {MAX_SEED - MAX_IMAGES}], got {seed}")
+
+
+def _utf8(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where} holds bytes that are not UTF-8 text (at character {e.start}); pass UTF-8 text") \
+            from None
+    return text
+
+
+def read_image(path: str):
+    """`load_image` for a path from the command line: a file that cannot be read (no permission, an I/O error
+    as /proc/self/mem gives) is a one-line error too."""
+    try:
+        return load_image(path)
+    except OSError as e:
+        raise UsageError(f"cannot read image {path!r}: {e.strerror or e}") from None
+
+
 def save_images(images, out: str, stem: str, seed: int) -> list[Path]:
     folder = Path(out)
     try:
@@ -121,8 +175,9 @@ def save_images(images, out: str, stem: str, seed: int) -> list[Path]:
 
 
 def run(args) -> None:
+    check_args(args)
     if args.command == "edit":
-        source = load_image(args.image)  # before the model loads: a bad file fails in a second
+        source = read_image(args.image)  # before the model loads: a bad file fails in a second
         model = load_model(args)
         images = model.edit(source, args.instruction, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
@@ -141,7 +196,7 @@ def run(args) -> None:
     else:
         if not args.question and not args.chat:
             raise UsageError("answer needs --question (repeat it for a conversation) or --chat")
-        images = [load_image(p) for p in args.image]
+        images = [read_image(p) for p in args.image]
         model = load_model(args)
         from .inference import ChatSession
         chat = ChatSession(model, images, max_new_tokens=args.max_new_tokens)
@@ -161,12 +216,18 @@ def _questions(args):
     if not args.chat:
         return
     interactive = sys.stdin.isatty()
-    while True:
+    for n in itertools.count(1):
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        # Bytes where stdin has them, decoded here: undecodable input is reported, not a traceback.
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        raw = stream.readline()
+        if not raw:
             return
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else _utf8(raw, f"--chat: stdin line {n}")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--chat: stdin line {n} is not UTF-8 text (byte {e.start}); send UTF-8") from None
         if line.strip():
             yield line.strip()
 

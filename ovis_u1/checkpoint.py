@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -212,31 +215,66 @@ def _atomic_dir(path: Path):
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
 
 
+# The names a save writes. Anything else in a checkpoint folder (a README, notes, a user's file) is the user's:
+# a save carries it over into the new checkpoint and never deletes it.
+CHECKPOINT_FILE = re.compile(r"config\.json|preprocessor_config\.json|model\.safetensors(\.index\.json)?|"
+                             r"model-\d+-of-\d+\.safetensors|tokenizer\.json|tokenizer_config\.json|"
+                             r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja")
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
+    """Put the new checkpoint `tmp` at `path`. Into a fresh path it is one rename. Over an old checkpoint it is
+    two (old away to `.<name>.old`, new in); a crash between them leaves the old one there, which loading
+    falls back to and the next save restores (`_restore_interrupted`)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    _carry_foreign(path, tmp)
+    old = _old_copy(path)
+    if old.exists():  # a crash after an earlier swap's second rename: `path` already holds all of it
         shutil.rmtree(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+
+
+def _carry_foreign(path: Path, tmp: Path) -> None:
+    """Hard-link (or copy, where links are not possible) the user's files of `path` into the new checkpoint."""
+    for item in sorted(path.iterdir()):
+        if CHECKPOINT_FILE.fullmatch(item.name) or (tmp / item.name).exists():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, tmp / item.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, tmp / item.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _restore_interrupted(path: Path) -> None:
+    old = _old_copy(path)
+    if not path.exists() and not path.is_symlink() and (old / "config.json").exists():
+        os.replace(old, path)
 
 
 def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 2**30) -> None:
     if layout not in ("own", "published"):
         raise ValueError(f"layout {layout!r}; choose 'own' or 'published'")
     path = Path(path)
-    # The save replaces `path` as a whole, so never let it be a file or a folder of something else.
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path} is a file; save_pretrained writes a checkpoint directory")
-    if path.is_dir() and not (path / "config.json").exists() and any(path.iterdir()):
-        raise CheckpointError(f"{path} is a non-empty directory that holds no checkpoint (no config.json); "
-                              "refusing to replace its contents: save to a new or empty directory")
+    _restore_interrupted(path)
+    check_save_target(path)
     tmp = _atomic_dir(path)
     try:
         sd = state_for_saving(model)
+        _refuse_non_finite(sd)
         if layout == "own":
             save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
             config = {"format": OWN_FORMAT, "format_version": 1, "config": model.config.to_dict()}
@@ -255,6 +293,17 @@ def save_pretrained(model, path, layout: str = "own", max_shard_size: int = 4 * 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_save_target(path: Path) -> None:
+    """The save replaces the checkpoint at `path` (keeping the user's other files), so never let `path` be a
+    file or a folder of something else. Callers that save at the end of long work check it up front."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; save_pretrained writes a checkpoint directory")
+    if path.is_dir() and not (path / "config.json").exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} is a non-empty directory that holds no checkpoint (no config.json); "
+                              "refusing to replace its contents: save to a new or empty directory")
 
 
 def _save_sharded(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
@@ -298,51 +347,62 @@ def _read_config(path: Path) -> tuple[OvisU1Config, str]:
         raise CheckpointError(f"{path} is a file; a checkpoint is a directory with config.json and "
                               "*.safetensors")
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    if not cfg_file.exists() and not cfg_file.is_symlink():
         raise CheckpointError(f"{path} has no config.json, so it is not an Ovis-U1 checkpoint."
                               f"{_pickle_hint(path)}")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    raw = _read_json(cfg_file, "config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {_json_type(raw)}")
     if raw.get("format") == OWN_FORMAT:
-        return OvisU1Config.from_dict(raw["config"]), "own"
-    if raw.get("model_type") == "ovis_u1":
-        return config_from_published(raw, _read_preprocessor(path)), "published"
-    raise CheckpointError(f"{cfg_file}: neither this package's format (format={OWN_FORMAT!r}) nor the "
-                          f"published one (model_type='ovis_u1'); got keys {sorted(raw)[:8]}")
+        config, layout = _own_config(raw, cfg_file), "own"
+    elif raw.get("model_type") == "ovis_u1":
+        config, layout = _published_config(raw, cfg_file), "published"
+    else:
+        raise CheckpointError(f"{cfg_file}: neither this package's format (format={OWN_FORMAT!r}) nor the "
+                              f"published one (model_type='ovis_u1'); got keys {sorted(raw)[:8]}")
+    _check_config_values(config, cfg_file)
+    return config, layout
 
 
-def _read_preprocessor(path: Path) -> dict | None:
-    """preprocessor_config.json of a published-layout checkpoint (pixel bounds, mean/std), if it has one."""
-    f = path / "preprocessor_config.json"
-    if not f.exists():
-        return None
-    try:
-        pp = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
-    if not isinstance(pp, dict):
-        raise CheckpointError(f"{f} must hold a JSON object, got {type(pp).__name__}")
-    if pp.get("do_center_crop") or pp.get("do_resize") is False or pp.get("resample", 3) != 3:
-        raise CheckpointError(f"{f}: only a bicubic resize without centre crop is supported (the published visual "
-                              f"tokenizer asserts the same), got do_center_crop={pp.get('do_center_crop')}, "
-                              f"do_resize={pp.get('do_resize')}, resample={pp.get('resample')}")
-    return pp
-
-
-def _weight_files(path: Path, layout: str) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {path}.{_pickle_hint(path)}")
+def _weight_files(path: Path, layout: str) -> dict[Path, set[str] | None]:
+    """The weight files the format names -> the tensor names the index assigns to each (None: no index).
+    Own format: model.safetensors. Published: the index's shards, or model.safetensors without an index.
+    Any other *.safetensors in the folder is never read: a stray file must not change the model."""
     index = path / "model.safetensors.index.json"
-    if layout == "published" and index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).exists()]
-        if missing:
-            raise CheckpointError(f"index names shards that are missing from {path}: {missing}")
-        return [path / n for n in names]
-    return files
+    if layout == "published" and (index.exists() or index.is_symlink()):
+        return _index_shards(path, index)
+    single = path / "model.safetensors"
+    if not single.exists() and not single.is_symlink():
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        named = (f" (it holds {others[:5]}, which the format does not name; a published checkpoint in shards "
+                 "needs its model.safetensors.index.json)" if others else "")
+        raise CheckpointError(f"no model.safetensors weights in {path}{named}.{_pickle_hint(path)}")
+    _regular_file(single, "weights file")
+    return {single: None}
+
+
+def _index_shards(path: Path, index: Path) -> dict[Path, set[str]]:
+    raw = _read_json(index, "weight index")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{index} must hold a JSON object with a 'weight_map', got {_json_type(raw)}")
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> "
+                              f"shard file name, got {_json_type(weight_map)}")
+    shards: dict[Path, set[str]] = {}
+    for key, name in weight_map.items():
+        # Only plain file names inside the checkpoint folder: an index must not reach elsewhere on disk.
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", "..") \
+                or "\\" in name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] = {name!r}; entries must be the file name of "
+                                  "a .safetensors shard in the checkpoint folder (no folders, no '..')")
+        shards.setdefault(path / name, set()).add(key)
+    missing = [p.name for p in shards if not p.exists()]
+    if missing:
+        raise CheckpointError(f"index names shards that are missing from {path}: {missing}")
+    for shard in shards:
+        _regular_file(shard, "weight shard")
+    return shards
 
 
 def _pickle_hint(path: Path) -> str:
@@ -351,17 +411,24 @@ def _pickle_hint(path: Path) -> str:
             "to safetensors." if pickles else "")
 
 
-def _read_tensors(files: list[Path], layout: str) -> dict[str, torch.Tensor]:
-    sd, unknown = {}, []
-    for f in files:
+def _read_tensors(files: dict[Path, set[str] | None], layout: str) -> dict[str, torch.Tensor]:
+    sd, unknown, origin = {}, [], {}
+    for f, listed in files.items():
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
+                names = set(fh.keys())
+                if listed is not None and names != listed:
+                    _index_mismatch(f, names, listed)
+                for k in sorted(names):
                     key = k if layout == "own" else from_published_key(k)
                     if key is None:
                         unknown.append(k)
-                    else:
-                        sd[key] = fh.get_tensor(k)
+                        continue
+                    if key in origin:
+                        raise CheckpointError(f"tensor {k!r} is stored twice, in {origin[key].name} and {f.name}; "
+                                              "a checkpoint holds each tensor once")
+                    origin[key] = f
+                    sd[key] = _checked_tensor(fh.get_tensor(k), f, k)
         except Exception as e:  # safetensors raises its own types for corrupt headers
             if isinstance(e, CheckpointError):
                 raise
@@ -393,11 +460,15 @@ def load_pretrained(cls, path=None, device="cpu", dtype=None):
     if path == DEFAULT_MODEL_DIR and not path.exists():
         raise CheckpointError(f"the shipped default model is missing at {path}; train it with "
                               "`python -m train.default_model` or pass a checkpoint directory")
+    path = _interrupted_swap(path)
     config, layout = _read_config(path)
     files = _weight_files(path, layout)
     tokenizer = _load_tokenizer(path)
-    with torch.device("meta"):
-        model = cls(config, tokenizer=tokenizer)
+    try:
+        with torch.device("meta"):
+            model = cls(config, tokenizer=tokenizer)
+    except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path / 'config.json'} describes a model that cannot be built: {e}") from e
     sd = _read_tensors(files, layout)
     _check_keys(model, sd)
     device = torch.device(device)
@@ -423,9 +494,261 @@ def _materialise_leftovers(model, device, dtype) -> None:
 
 
 def _load_tokenizer(path: Path):
-    if not (path / "tokenizer.json").exists():
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.json").is_symlink():
         return None
+    _check_tokenizer_files(path)
     # The fast-tokenizer class reads tokenizer.json directly; AutoTokenizer would try to resolve the
     # published config's custom model_type first.
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as e:  # the tokenizers library reports a bad file as a bare Exception
+        raise CheckpointError(f"{path / 'tokenizer.json'} is not a usable tokenizer: "
+                              f"{' '.join(str(e).split())[:300]}") from e
+
+
+# ---- the gate: what a checkpoint folder may hold ------------------------------------------------------------
+# Loading reads only the files the format names, each checked before use: regular files only (a FIFO under a
+# checkpoint's name would block open() forever), JSON of the right types, config values of the right type and
+# range, floating-point tensors with finite values. Every refusal is a CheckpointError naming file and field.
+MAX_JSON_BYTES = 64 * 2**20  # far above any config, index or tokenizer this format writes
+FORMAT_VERSION = 1
+OWN_KEYS = ("format", "format_version", "config")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Sub-objects of a published config.json that must be JSON objects when present.
+PUBLISHED_SECTIONS = (("llm_config",), ("visual_tokenizer_config",), ("visual_tokenizer_config", "backbone_config"),
+                      ("visual_generator_config",), ("visual_generator_config", "vae_config"),
+                      ("compact_generation_config",))
+# Integer fields that must be at least 1 (sizes, counts, dimensions); other integers must be >= 0.
+_POSITIVE_INTS = {
+    "patch_size", "hidden_size", "num_heads", "intermediate_size", "pos_grid", "vocab_size", "hidden_stride",
+    "max_images", "min_pixels", "max_pixels", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "in_dim", "in_channels", "out_channels", "axes_dim", "theta", "vec_in_dim",
+    "context_in_dim", "time_embed_dim", "latent_channels", "block_out_channels", "layers_per_block",
+    "norm_num_groups", "height", "width", "num_inference_steps", "size_multiple", "min_side", "max_side",
+    "edit_max_pixels", "blank_image_max_pixels", "max_new_tokens", "multimodal_max_length",
+    "fast_num_inference_steps", "window_size",
+}  # block counts (depth, num_layers, ...) may be 0: a refiner of depth 0 is an ablation the project trains
+_POSITIVE_FLOATS = {"norm_eps", "rms_norm_eps", "rope_theta", "mlp_ratio", "min_t", "scaling_factor", "image_std"}
+_NON_NEGATIVE_FLOATS = {"guidance_scale", "edit_guidance_scale", "image_guidance_scale", "fast_cache_threshold"}
+_FIXED_LENGTH = {"image_mean": 3, "image_std": 3, "fast_guidance_interval": 2}
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _regular_file(path: Path, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"the {what} {path} is missing (or a broken link)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise CheckpointError(f"{path} is {kind}; the {what} must be a regular file")
+
+
+def _read_json(path: Path, what: str):
+    """A checkpoint's JSON file, read without blocking: O_NONBLOCK and fstat refuse a FIFO put in its place."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"the {what} file {path} is missing (or a broken link)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise CheckpointError(f"{path} is {kind}; the {what} file must be a regular JSON file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        except OSError as e:
+            raise CheckpointError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is over {MAX_JSON_BYTES // 2**20} MiB; not a {what} file this format writes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); the {what} file must be JSON") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a {what} file") from None
+
+
+def _own_config(raw: dict, cfg_file: Path) -> OvisU1Config:
+    unknown = sorted(set(raw) - set(OWN_KEYS))
+    if unknown:
+        raise CheckpointError(f"{cfg_file}: unknown top-level field(s) {unknown}; this format has {list(OWN_KEYS)}")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: format_version {version!r} is not one this package reads "
+                              f"({FORMAT_VERSION}); a newer ovis-u1 may have written it")
+    body = raw.get("config")
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{cfg_file}: field 'config' must be an object of config sections, got "
+                              f"{_json_type(body)}")
+    sections = {f.name for f in dataclasses.fields(OvisU1Config)}
+    unknown = sorted(set(body) - sections)
+    if unknown:
+        raise CheckpointError(f"{cfg_file}: unknown config section(s) {unknown}; known: {sorted(sections)}")
+    for name, value in body.items():
+        if name != "preset" and not isinstance(value, dict):
+            raise CheckpointError(f"{cfg_file}: config.{name} must be an object, got {_json_type(value)}")
+    try:
+        return OvisU1Config.from_dict(body)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from e
+
+
+def _published_config(raw: dict, cfg_file: Path) -> OvisU1Config:
+    for keys in PUBLISHED_SECTIONS:
+        obj = raw
+        for k in keys[:-1]:
+            obj = obj.get(k, {})
+        if keys[-1] in obj and not isinstance(obj[keys[-1]], dict):
+            raise CheckpointError(f"{cfg_file}: {'.'.join(keys)} must be an object, got {_json_type(obj[keys[-1]])}")
+    preprocessor = _read_preprocessor(cfg_file.parent)
+    try:
+        return config_from_published(raw, preprocessor)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise CheckpointError(f"{cfg_file}: a field of the wrong type or value ({type(e).__name__}: {e})") from e
+
+
+def _read_preprocessor(path: Path) -> dict | None:
+    """preprocessor_config.json of a published-layout checkpoint (pixel bounds, mean/std), if it has one."""
+    f = path / "preprocessor_config.json"
+    if not f.exists() and not f.is_symlink():
+        return None
+    pp = _read_json(f, "preprocessor config")
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got {_json_type(pp)}")
+    if pp.get("do_center_crop") or pp.get("do_resize") is False or pp.get("resample", 3) != 3:
+        raise CheckpointError(f"{f}: only a bicubic resize without centre crop is supported (the published visual "
+                              f"tokenizer asserts the same), got do_center_crop={pp.get('do_center_crop')}, "
+                              f"do_resize={pp.get('do_resize')}, resample={pp.get('resample')}")
+    for key in ("min_pixels", "max_pixels"):
+        if key in pp and (isinstance(pp[key], bool) or not isinstance(pp[key], int) or pp[key] < 1):
+            raise CheckpointError(f"{f}: {key} must be a positive integer, got {pp[key]!r}")
+    for key in ("image_mean", "image_std"):
+        if key in pp and (not isinstance(pp[key], list) or len(pp[key]) != 3
+                          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pp[key])):
+            raise CheckpointError(f"{f}: {key} must be a list of 3 numbers, got {pp[key]!r}")
+    return pp
+
+
+def _check_config_values(cfg: OvisU1Config, cfg_file: Path) -> None:
+    """Every config field has its default's type (bool, int, float, str, tuple) and a sane range."""
+    if not isinstance(cfg.preset, str):
+        raise CheckpointError(f"{cfg_file}: config.preset must be a string, got {_json_type(cfg.preset)}")
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            if f.default is dataclasses.MISSING:
+                continue
+            value = getattr(sub, f.name)
+            problem = _value_problem(f.name, value, f.default)
+            if problem:
+                raise CheckpointError(f"{cfg_file}: config field {section.name}.{f.name} {problem}, got {value!r}")
+    for section, lo, hi in (("adapter", "min_pixels", "max_pixels"), ("generation", "min_side", "max_side")):
+        sub = getattr(cfg, section)
+        if getattr(sub, lo) > getattr(sub, hi):
+            raise CheckpointError(f"{cfg_file}: config field {section}.{lo} ({getattr(sub, lo)}) is above "
+                                  f"{section}.{hi} ({getattr(sub, hi)})")
+
+
+def _value_problem(name: str, value, default) -> str | None:
+    if isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)):
+            return "must be a list"
+        if name in _FIXED_LENGTH and len(value) != _FIXED_LENGTH[name]:
+            return f"must list {_FIXED_LENGTH[name]} values"
+        element = default[0] if default else 0
+        return next((f"has an element that {p}" for v in value if (p := _value_problem(name, v, element))), None)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        low = 1 if name in _POSITIVE_INTS else 0
+        return None if value >= low else f"must be >= {low}"
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if name in _POSITIVE_FLOATS and value <= 0:
+            return "must be > 0"
+        if name in _NON_NEGATIVE_FLOATS and value < 0:
+            return "must be >= 0"
+        return None
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    return None
+
+
+def _checked_tensor(t: torch.Tensor, f: Path, name: str) -> torch.Tensor:
+    """Every weight of this model is floating point: an integer, bool or complex tensor would be cast
+    silently (a complex one loses its imaginary part), and NaN or inf would load and draw black images."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{f.name}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                              "the weights of this model are floating point")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{f.name}: tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+                              "refusing a checkpoint with non-finite weights")
+    return t
+
+
+def _refuse_non_finite(sd: dict[str, torch.Tensor]) -> None:
+    """A save never writes weights that loading would refuse."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"refusing to save non-finite weights: {len(bad)} tensor(s) hold NaN or inf, "
+                              f"e.g. {bad[:5]}")
+
+
+def _index_mismatch(f: Path, names: set[str], listed: set[str]) -> None:
+    extra, absent = sorted(names - listed), sorted(listed - names)
+    detail = "; ".join(part for part in (f"not listed for it: {extra[:5]}" if extra else "",
+                                         f"listed but absent: {absent[:5]}" if absent else "") if part)
+    raise CheckpointError(f"{f.name} does not hold the tensors model.safetensors.index.json assigns to it ({detail})")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if not f.exists() and not f.is_symlink():
+            continue
+        raw = _read_json(f, "tokenizer")
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{f} must hold a JSON object, got {_json_type(raw)}")
+        if "auto_map" in raw:  # points transformers at code shipped with the checkpoint; this loader runs none
+            raise CheckpointError(f"{f}: field 'auto_map' names custom tokenizer code; checkpoints that need "
+                                  "code to load are refused (remove auto_map to use the plain fast tokenizer)")
+    raw = _read_json(path / "tokenizer.json", "tokenizer")
+    if not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path / 'tokenizer.json'}: field 'model' must be an object describing the "
+                              f"tokenizer model, got {_json_type(raw.get('model'))}")
+
+
+def _old_copy(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _interrupted_swap(path: Path) -> Path:
+    """A save swaps a checkpoint in with two renames (old away, new in). A crash between them leaves
+    only the previous checkpoint, under `.<name>.old`: load that one, and say so."""
+    old = _old_copy(path)
+    if path.exists() or not (old / "config.json").exists():
+        return path
+    warnings.warn(f"{path} is missing but {old} holds the checkpoint a save was replacing when it was "
+                  "interrupted; loading that one (the next save to this path restores it)", stacklevel=3)
+    return old

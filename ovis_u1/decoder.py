@@ -8,7 +8,8 @@ Axes: B batch, L sequence, H heads, D head dim, K q/k/v, C channels, h/w packed-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
@@ -98,20 +99,29 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = _layer_norm(hidden)
         self.txt_mlp = _mlp(hidden, mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None,
-                attention_record: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def joint_qkv(self, img: Tensor, txt: Tensor, vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of the joint attention, text first, then image: each [B, H, L, D]."""
+        img_attn_mod, _, _ = self.img_mod(vec)
+        txt_attn_mod, _ = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_attn_mod.modulate(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_attn_mod.modulate(self.txt_norm1(txt)))
+        return tuple(torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+
+    def joint_attention_weights(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                                mask: Tensor | None = None) -> Tensor:
+        """The joint attention's weights [B, L, L] averaged over heads, for the block's forward inputs (for
+        inspection: a forward pre-hook hands them over; the forward itself never materialises them)."""
+        q, k, _ = self.joint_qkv(img, txt, vec)
+        return attention_weights(q, k, pe, mask).mean(dim=1)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         img_attn_mod, img_mlp_mod, img_self_mod = self.img_mod(vec)
         txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
         n_txt = txt.shape[1]
 
         img_normed = self.img_norm1(img)  # shared by both image attentions, as in MMDiT-X
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img_attn_mod.modulate(img_normed))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_attn_mod.modulate(self.txt_norm1(txt)))
-
-        # Joint attention: text first, then image, along L.
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        if attention_record is not None:
-            attention_record.append(attention_weights(q, k, pe, mask).mean(dim=1).detach())  # [B, L, L]
+        q, k, v = self.joint_qkv(img, txt, vec)  # joint attention: text first, then image, along L
         joint = attention(q, k, v, pe, mask)  # [B, L, C]
         txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
 
@@ -166,56 +176,21 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# First-block cache (fast sampling)
+# The decoder
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
-class FirstBlockCache:
-    """Skip all blocks after the first when the first block's image residual barely changed.
+class DecoderState:
+    """The decoder's activations between stages (see VisualDecoder.embed)."""
 
-    The change is mean|r - r_ref| / mean|r_ref|, with r the first double block's image-stream residual
-    (output - input) and r_ref the one stored at the last *full* computation (as in diffusers): comparing
-    against the last full step, not the last call, bounds the drift that consecutive skips can build up.
-    Use one cache per guidance branch (or batch the branches), since their residuals differ.
-    """
+    x: Tensor  # [B, L_img(+L_ref), C] image stream
+    txt: Tensor  # [B, L_txt, C] text stream
+    vec: Tensor  # [B, C] timestep + CLS conditioning
+    pe: Tensor  # rotary positions of [txt, image]
+    mask: Tensor | None  # [B, L_txt + L_x] True = a key to attend to
+    x_t: Tensor  # [B, L_img, in_channels] the noisy target tokens (for "sample" prediction)
+    timesteps: Tensor  # [B]
 
-    threshold: float
-    hits: int = 0
-    calls: int = 0
-    _first_residual: Tensor | None = field(default=None, repr=False)
-    _remaining_residual: Tensor | None = field(default=None, repr=False)
-
-    def reset(self) -> None:
-        self.hits = self.calls = 0
-        self._first_residual = self._remaining_residual = None
-
-    def should_skip(self, first_residual: Tensor) -> bool:
-        self.calls += 1
-        prev = self._first_residual
-        if prev is not None and prev.shape != first_residual.shape:
-            # A new batch shape means a new sampling run: the stored residuals no longer apply.
-            self._first_residual = self._remaining_residual = prev = None
-        if prev is None or self._remaining_residual is None:
-            return False
-        change = (first_residual.float() - prev.float()).abs().mean() / prev.float().abs().mean().clamp_min(1e-12)
-        hit = bool(change < self.threshold)
-        self.hits += int(hit)
-        return hit
-
-    @property
-    def remaining_residual(self) -> Tensor:
-        assert self._remaining_residual is not None
-        return self._remaining_residual
-
-    def store(self, first_residual: Tensor, remaining_residual: Tensor) -> None:
-        # Detached: the cache is a sampling device and must not keep autograd graphs alive.
-        self._first_residual = first_residual.detach()
-        self._remaining_residual = remaining_residual.detach()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The decoder
-# ---------------------------------------------------------------------------------------------------
 
 class VisualDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
@@ -265,9 +240,7 @@ class VisualDecoder(nn.Module):
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y: Tensor, txt_mask: Tensor | None = None, ref: Tensor | None = None,
-                ref_ids: Tensor | None = None, ref_mask: Tensor | None = None,
-                cache: FirstBlockCache | None = None,
-                attention_record: list[Tensor] | None = None) -> Tensor:
+                ref_ids: Tensor | None = None, ref_mask: Tensor | None = None) -> Tensor:
         """Velocity for the target tokens [B, L_img, out_channels].
 
         img [B, L_img, in_channels], img_ids [B, L_img, 3]; txt [B, L_txt, hidden] (refiner tokens),
@@ -276,14 +249,21 @@ class VisualDecoder(nn.Module):
         ref_mask [B, L_ref] bool hides the reference from some rows, so guidance branches with and without
         a reference can share one batched forward (masked keys contribute exactly nothing).
         """
-        n_img, n_txt = img.shape[1], txt.shape[1]
+        state = self.embed(img, img_ids, txt, txt_ids, timesteps, y, txt_mask, ref, ref_ids, ref_mask)
+        state = self.double_stream(state, 0, len(self.double_blocks))
+        return self.head(state, self.single_stream(state))
+
+    # The forward in stages, for samplers that skip part of it (sampling.FirstBlockCache).
+    def embed(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+              txt_mask: Tensor | None = None, ref: Tensor | None = None, ref_ids: Tensor | None = None,
+              ref_mask: Tensor | None = None) -> DecoderState:
+        """Input projections, the conditioning vector, rotary positions and the attention mask."""
         if (ref is None) != (ref_ids is None):
             raise ValueError("ref and ref_ids must be given together")
+        n_img, n_txt = img.shape[1], txt.shape[1]
+        x_t = img
         if ref is not None:
             img, img_ids = torch.cat([img, ref], dim=1), torch.cat([img_ids, ref_ids], dim=1)
-        if cache is not None and not self.double_blocks:
-            raise ValueError("FirstBlockCache needs at least one double block")
-
         x = self.img_in(img)  # [B, L_img(+L_ref), C]
         vec = self.time_in(timestep_embedding(timesteps, self.cfg.time_embed_dim).to(x.dtype))
         vec = vec + self.vector_in(y)  # [B, C]
@@ -292,26 +272,27 @@ class VisualDecoder(nn.Module):
         if txt_mask is not None or ref_mask is not None:
             def keep(m, n):
                 return torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device) if m is None else m.bool()
-            n_ref = x.shape[1] - n_img
-            mask = torch.cat([keep(txt_mask, n_txt), keep(None, n_img), keep(ref_mask, n_ref)], dim=1)
+            mask = torch.cat([keep(txt_mask, n_txt), keep(None, n_img), keep(ref_mask, x.shape[1] - n_img)], dim=1)
+        return DecoderState(x, txt, vec, pe, mask, x_t, timesteps)
 
-        for i, block in enumerate(self.double_blocks):
-            x_in = x
-            x, txt = block(x, txt, vec, pe, mask, attention_record)
-            if i == 0 and cache is not None:
-                first_out, first_residual = x, x - x_in
-                if cache.should_skip(first_residual):
-                    out = self.final_layer(first_out + cache.remaining_residual.to(x.dtype), vec)[:, :n_img]
-                    return self._velocity(out, img[:, :n_img], timesteps)
+    def double_stream(self, state: DecoderState, start: int, stop: int) -> DecoderState:
+        """Double-stream blocks [start, stop) applied to both streams."""
+        x, txt = state.x, state.txt
+        for block in self.double_blocks[start:stop]:
+            x, txt = block(x, txt, state.vec, state.pe, state.mask)
+        return dataclasses.replace(state, x=x, txt=txt)
 
-        seq = torch.cat([txt, x], dim=1)  # [B, L_txt + L_x, C]
+    def single_stream(self, state: DecoderState) -> Tensor:
+        """The single-stream blocks over [txt, image]; returns the image stream [B, L_x, C]."""
+        seq = torch.cat([state.txt, state.x], dim=1)  # [B, L_txt + L_x, C]
         for block in self.single_blocks:
-            seq = block(seq, vec, pe, mask)
-        x = seq[:, n_txt:]
+            seq = block(seq, state.vec, state.pe, state.mask)
+        return seq[:, state.txt.shape[1]:]
 
-        if cache is not None:
-            cache.store(first_residual, x - first_out)
-        return self._velocity(self.final_layer(x, vec)[:, :n_img], img[:, :n_img], timesteps)
+    def head(self, state: DecoderState, x: Tensor) -> Tensor:
+        """Final layer on the image stream x, cut back to the target tokens, as a velocity."""
+        n_img = state.x_t.shape[1]
+        return self._velocity(self.final_layer(x, state.vec)[:, :n_img], state.x_t, state.timesteps)
 
     def _velocity(self, out: Tensor, x_t: Tensor, timesteps: Tensor) -> Tensor:
         """The final layer's output as a velocity: as is, or from a predicted clean latent (x_t - x0) / t."""

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .decoder import FirstBlockCache, latent_ids, pack_latents, unpack_latents
+from .decoder import latent_ids, pack_latents, unpack_latents
 from .llm import generate_without_cache
 from .processing import (
     UNCOND_TEXT,
@@ -39,7 +39,16 @@ from .processing import (
     t2i_prompts,
     understanding_prompt,
 )
-from .sampling import DecoderInputs, branch_groups, denoise, draw_noise, edit_guidance, get_schedule, t2i_guidance
+from .sampling import (
+    DecoderInputs,
+    FirstBlockCache,
+    branch_groups,
+    denoise,
+    draw_noise,
+    edit_guidance,
+    get_schedule,
+    t2i_guidance,
+)
 
 MODES = ("exact", "fast", "plain")
 MAX_STEPS = 1000

@@ -193,12 +193,18 @@ def word_attention_map(model, prompt: str, word_index: int, step: int | None = N
         raise ValueError(f"word_index must be in [0, {n_real}) (the condition's tokens), got {word_index!r}")
     x = seen[step - 1]
     h, w = req.latent_hw
-    t = get_schedule(steps, x.shape[1], shift=g.use_time_shift)[step - 1]
-    record: list[torch.Tensor] = []
-    model.decoder(x, latent_ids(1, h, w, device=x.device).to(x.dtype), cond.txt,
-                  torch.zeros(1, n_txt, 3, device=x.device, dtype=x.dtype),
-                  torch.full((1,), float(t), device=x.device, dtype=x.dtype), cond.y, txt_mask=cond.txt_mask,
-                  attention_record=record)
+    t = get_schedule(steps, x.shape[1], shift=g.use_time_shift, base_shift=g.base_shift,
+                     max_shift=g.max_shift)[step - 1]
+    record: list[torch.Tensor] = []  # per double block [B, L, L], read by hooks: the forward stays tensors only
+    hooks = [b.register_forward_pre_hook(lambda m, args: record.append(m.joint_attention_weights(*args)))
+             for b in model.decoder.double_blocks]
+    try:
+        model.decoder(x, latent_ids(1, h, w, device=x.device).to(x.dtype), cond.txt,
+                      torch.zeros(1, n_txt, 3, device=x.device, dtype=x.dtype),
+                      torch.full((1,), float(t), device=x.device, dtype=x.dtype), cond.y, txt_mask=cond.txt_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
     maps = torch.stack([r[0, n_txt:, word_index] for r in record])  # [blocks, L_img]: image query -> word
     heat = maps.mean(dim=0) if block is None else maps[block]
     return image, heat.float().reshape(h // 2, w // 2).cpu().numpy()

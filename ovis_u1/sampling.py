@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -95,6 +95,65 @@ def t2i_guidance(scale: float) -> Callable[[Tensor], Tensor]:
 def edit_guidance(txt_scale: float, img_scale: float) -> Callable[[Tensor], Tensor]:
     """v = v_no_both + img (v_no_txt - v_no_both) + txt (v_cond - v_no_txt); branches (cond, no_txt, no_both)."""
     return lambda v: v[2] + img_scale * (v[1] - v[2]) + txt_scale * (v[0] - v[1])
+
+
+@dataclass
+class FirstBlockCache:
+    """Skip all blocks after the first when the first block's image residual barely changed.
+
+    The change is mean|r - r_ref| / mean|r_ref|, with r the first double block's image-stream residual
+    (output - input) and r_ref the one stored at the last *full* computation (as in diffusers): comparing
+    against the last full step, not the last call, bounds the drift that consecutive skips can build up.
+    Use one cache per guidance branch (or batch the branches), since their residuals differ.
+    """
+
+    threshold: float
+    hits: int = 0
+    calls: int = 0
+    _first_residual: Tensor | None = field(default=None, repr=False)
+    _remaining_residual: Tensor | None = field(default=None, repr=False)
+
+    def reset(self) -> None:
+        self.hits = self.calls = 0
+        self._first_residual = self._remaining_residual = None
+
+    def should_skip(self, first_residual: Tensor) -> bool:
+        self.calls += 1
+        prev = self._first_residual
+        if prev is not None and prev.shape != first_residual.shape:
+            # A new batch shape means a new sampling run: the stored residuals no longer apply.
+            self._first_residual = self._remaining_residual = prev = None
+        if prev is None or self._remaining_residual is None:
+            return False
+        change = (first_residual.float() - prev.float()).abs().mean() / prev.float().abs().mean().clamp_min(1e-12)
+        hit = bool(change < self.threshold)
+        self.hits += int(hit)
+        return hit
+
+    @property
+    def remaining_residual(self) -> Tensor:
+        assert self._remaining_residual is not None
+        return self._remaining_residual
+
+    def store(self, first_residual: Tensor, remaining_residual: Tensor) -> None:
+        # Detached: the cache is a sampling device and must not keep autograd graphs alive.
+        self._first_residual = first_residual.detach()
+        self._remaining_residual = remaining_residual.detach()
+
+
+def cached_forward(decoder, cache: FirstBlockCache, *inputs, **kw) -> Tensor:
+    """The decoder's forward (same arguments), skipping every block after the first when `cache` says the
+    first block's residual barely changed since its last full computation."""
+    if not decoder.double_blocks:
+        raise ValueError("FirstBlockCache needs at least one double block")
+    state = decoder.embed(*inputs, **kw)
+    first = decoder.double_stream(state, 0, 1)
+    first_residual = first.x - state.x
+    if cache.should_skip(first_residual):
+        return decoder.head(first, first.x + cache.remaining_residual.to(first.x.dtype))
+    x = decoder.single_stream(decoder.double_stream(first, 1, len(decoder.double_blocks)))
+    cache.store(first_residual, x - first.x)
+    return decoder.head(first, x)
 
 
 @dataclass
@@ -208,10 +267,14 @@ def denoise(decoder, x: Tensor, img_ids: Tensor, inputs: DecoderInputs, timestep
             rows = x.repeat(k, 1, 1)
             ids = img_ids.repeat(k, 1, 1) if img_ids.shape[0] == x.shape[0] else img_ids
             txt_ids = torch.zeros(*inp.txt.shape[:2], 3, device=x.device, dtype=x.dtype)
-            vs.append(decoder(rows, ids, inp.txt, txt_ids,
-                              torch.full((rows.shape[0],), t, device=x.device, dtype=x.dtype), inp.y,
-                              txt_mask=inp.txt_mask, ref=inp.ref, ref_ids=inp.ref_ids, ref_mask=inp.ref_mask,
-                              cache=cache_for(group)))
+            args = (rows, ids, inp.txt, txt_ids, torch.full((rows.shape[0],), t, device=x.device, dtype=x.dtype),
+                    inp.y)
+            kw = dict(txt_mask=inp.txt_mask, ref=inp.ref, ref_ids=inp.ref_ids, ref_mask=inp.ref_mask)
+            group_cache = cache_for(group)
+            if group_cache is None:
+                vs.append(decoder(*args, **kw))
+            else:
+                vs.append(cached_forward(decoder, group_cache, *args, **kw))
         v = torch.cat(vs).float().unflatten(0, (-1, x.shape[0]))
         v = combine(v) if guided else v[0]
         x = (x.float() + (t_next - t) * v).to(x.dtype)

@@ -313,9 +313,15 @@ def test_published_errors(published_dir, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     sd = load_file(str(path / first))
     save_file({**sd, "text_encoder.weight": torch.zeros(2)}, str(path / first))
+    with pytest.raises(CheckpointError, match=rf"{first} does not hold the tensors .*index.*text_encoder"):
+        OvisU1.from_pretrained(path)  # a tensor the index does not list
+    index["weight_map"]["text_encoder.weight"] = first
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"unexpected tensors outside the known prefixes.*text_encoder"):
         OvisU1.from_pretrained(path)
     victim = sorted(sd)[0]
+    del index["weight_map"]["text_encoder.weight"], index["weight_map"][victim]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     save_file({k: v for k, v in sd.items() if k != victim}, str(path / first))
     with pytest.raises(CheckpointError, match="missing"):
         OvisU1.from_pretrained(path)
@@ -329,7 +335,7 @@ def test_unknown_config_fields(own_dir, tmp_path):
     raw = json.loads((path / "config.json").read_text())
     raw["config"]["decoder"]["hiden_size"] = 3
     (path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"unknown decoder config fields.*hiden_size"):
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown decoder config fields.*hiden_size"):
         OvisU1.from_pretrained(path)
     (path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(CheckpointError, match="neither this package's format"):
@@ -388,7 +394,7 @@ def test_bad_paths(own_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((own_dir / "config.json").read_text())
-    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         OvisU1.from_pretrained(empty)
     with pytest.raises(ValueError, match="layout"):
         OvisU1.from_preset("tiny").save_pretrained(tmp_path / "x", layout="diffusers")
@@ -452,3 +458,234 @@ def test_config_dataclass_round_trip():
     cfg = get_preset("tiny")
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     assert dataclasses.asdict(cfg)["decoder"]["axes_dim"] == (4, 6, 6)
+
+
+# ---- the loader is a strict gate (issue 32's battery) -------------------------------------------------------
+def _edit_config(path, edit):
+    raw = json.loads((path / "config.json").read_text())
+    replaced = edit(raw)
+    raw = replaced if getattr(edit, "whole", False) else raw
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def _set(keys: str, value):
+    """An edit of config.json that sets a dotted field."""
+    def edit(raw):
+        *parents, last = keys.split(".")
+        obj = raw
+        for k in parents:
+            obj = obj[k]
+        obj[last] = value
+    return edit
+
+
+def _whole(value):
+    def edit(raw):
+        return value
+    edit.whole = True
+    return edit
+
+
+# (layout, edit of config.json, what the error must name)
+BAD_CONFIGS = {
+    "list": ("own", _whole([1, 2]), r"config\.json must hold a JSON object, got a list"),
+    "string": ("own", _whole("ovis"), r"config\.json must hold a JSON object, got a string"),
+    "null": ("own", _whole(None), r"config\.json must hold a JSON object, got null"),
+    "config-null": ("own", _set("config", None), r"config\.json: field 'config' must be an object.*null"),
+    "config-missing": ("own", lambda raw: raw.pop("config") and None, r"field 'config' must be an object"),
+    "section-list": ("own", _set("config.decoder", [1]), r"config\.decoder must be an object, got a list"),
+    "int-as-string": ("own", _set("config.decoder.hidden_size", "64"), r"decoder\.hidden_size must be an integer"),
+    "int-as-float": ("own", _set("config.llm.num_hidden_layers", 2.5), r"llm\.num_hidden_layers must be an int"),
+    "zero-heads": ("own", _set("config.decoder.num_heads", 0), r"decoder\.num_heads must be >= 1"),
+    "negative-size": ("own", _set("config.vision.hidden_size", -64), r"vision\.hidden_size must be >= 1"),
+    "bool-as-string": ("own", _set("config.llm.tie_word_embeddings", "yes"), r"tie_word_embeddings must be true"),
+    "nan-eps": ("own", _set("config.vision.norm_eps", float("nan")), r"vision\.norm_eps must be a finite number"),
+    "inf-eps": ("own", _set("config.llm.rms_norm_eps", float("inf")), r"llm\.rms_norm_eps must be a finite"),
+    "zero-eps": ("own", _set("config.llm.rms_norm_eps", 0.0), r"llm\.rms_norm_eps must be > 0"),
+    "tuple-as-int": ("own", _set("config.decoder.axes_dim", 16), r"decoder\.axes_dim must be a list"),
+    "short-mean": ("own", _set("config.adapter.image_mean", [0.5]), r"adapter\.image_mean must list 3 values"),
+    "gen-steps": ("own", _set("config.generation.num_inference_steps", "many"), r"generation\.num_inference_steps"),
+    "gen-guidance": ("own", _set("config.generation.guidance_scale", -1.0), r"generation\.guidance_scale must be >= 0"),
+    "gen-prefix": ("own", _set("config.generation.t2i_prefix", 3), r"generation\.t2i_prefix must be a string"),
+    "gen-sides": ("own", _set("config.generation.min_side", 4096), r"generation\.min_side \(4096\) is above"),
+    "preset": ("own", _set("config.preset", ["tiny"]), r"config\.preset must be a string"),
+    "prediction": ("own", _set("config.decoder.prediction", "noise"), r"cannot be built.*prediction"),
+    "format-version": ("own", _set("format_version", 99), r"format_version 99 is not one this package reads"),
+    "unknown-section": ("own", _set("config.extras", {}), r"unknown config section\(s\) \['extras'\]"),
+    "unknown-top": ("own", _set("notes", "x"), r"unknown top-level field\(s\) \['notes'\]"),
+    "pub-llm-list": ("published", _set("llm_config", []), r"config\.json: llm_config must be an object, got a list"),
+    "pub-gen-string": ("published", _set("visual_generator_config", "yak"), r"visual_generator_config must be an"),
+    "pub-vae-int": ("published", _set("visual_generator_config.vae_config", 3), r"vae_config must be an object"),
+    "pub-backbone": ("published", _set("visual_tokenizer_config.backbone_config", None),
+                     r"backbone_config must be an object, got null"),
+    "pub-field-type": ("published", _set("llm_config.hidden_size", "big"), r"llm\.hidden_size must be an integer"),
+    "pub-image-size": ("published", _set("visual_tokenizer_config.backbone_config.image_size", "448"),
+                       r"config\.json: a field of the wrong type"),
+    "pub-max-length": ("published", _set("multimodal_max_length", None), r"multimodal_max_length must be an int"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_malformed_config_is_a_checkpoint_error_naming_file_and_field(case, own_dir, published_dir, tmp_path):
+    import shutil
+    layout, edit, message = BAD_CONFIGS[case]
+    path = tmp_path / "ckpt"
+    shutil.copytree(own_dir if layout == "own" else published_dir, path)
+    _edit_config(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        OvisU1.from_pretrained(path)
+
+
+def test_config_json_that_is_not_a_file(own_dir, tmp_path):
+    import os
+    import signal
+    path = _copy_own(own_dir, tmp_path)
+    (path / "config.json").unlink()
+    (path / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json is a directory"):
+        OvisU1.from_pretrained(path)
+    (path / "config.json").rmdir()
+    os.mkfifo(path / "config.json")  # nobody ever writes to it: a plain open() would block forever
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("loading hung on a FIFO named config.json"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(CheckpointError, match=r"config\.json is not a regular file"):
+            OvisU1.from_pretrained(path)
+    finally:
+        signal.alarm(0)
+    (path / "config.json").unlink()
+    (path / "config.json").write_bytes(b'{"format": "ovis-u1-compact", "config": "\xff\xfe"}')
+    with pytest.raises(CheckpointError, match=r"config\.json is not UTF-8"):
+        OvisU1.from_pretrained(path)
+
+
+def test_stray_weight_files_are_never_read(tiny_model, own_dir, published_dir, tmp_path):
+    """Only the file the format names (or the index's shards) is read: a stray file changes nothing."""
+    import shutil
+    path = _copy_own(own_dir, tmp_path)
+    save_file({"vte.weight": torch.zeros_like(tiny_model.vte.weight)}, str(path / "zz.safetensors"))
+    assert torch.equal(OvisU1.from_pretrained(path).vte.weight, tiny_model.vte.weight)
+    pub = tmp_path / "pub"
+    shutil.copytree(published_dir, pub)
+    save_file({"vte.weight": torch.zeros_like(tiny_model.vte.weight)}, str(pub / "zz.safetensors"))
+    assert torch.equal(OvisU1.from_pretrained(pub).vte.weight, tiny_model.vte.weight.bfloat16().float())
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("../outside.safetensors", "no folders"), ("/tmp/abs.safetensors", "no folders"),
+    ("sub/x.safetensors", "no folders"), ("model.bin", "no folders"), (7, "no folders"),
+])
+def test_index_entries_stay_inside_the_folder(published_dir, tmp_path, entry, message):
+    import shutil
+    path = tmp_path / "pub"
+    shutil.copytree(published_dir, path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    key = sorted(index["weight_map"])[0]
+    index["weight_map"][key] = entry
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"index\.json: weight_map\[.*{message}"):
+        OvisU1.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"index\.json is not valid JSON"),
+    ("[]", r"index\.json must hold a JSON object with a 'weight_map', got a list"),
+    ('{"metadata": {}}', r"index\.json: field 'weight_map' must be a non-empty object.*null"),
+    ('{"weight_map": []}', r"index\.json: field 'weight_map'"),
+])
+def test_malformed_index(published_dir, tmp_path, text, message):
+    import shutil
+    path = tmp_path / "pub"
+    shutil.copytree(published_dir, path)
+    (path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        OvisU1.from_pretrained(path)
+
+
+@pytest.mark.parametrize("value, message", [
+    (torch.full((64,), float("nan")), "NaN or infinite"),
+    (torch.tensor([float("inf")] + [0.0] * 63), "1 NaN or infinite value"),
+    (torch.zeros(64, dtype=torch.int64), "dtype int64"),
+    (torch.zeros(64, dtype=torch.bool), "dtype bool"),
+    (torch.zeros(64, dtype=torch.complex64), "dtype complex64"),
+])
+def test_weights_must_be_finite_floats(own_dir, tmp_path, value, message):
+    path = _copy_own(own_dir, tmp_path)
+    sd = load_file(str(path / "model.safetensors"))
+    key = next(k for k, v in sd.items() if v.shape == (64,))
+    sd[key] = value
+    save_file(sd, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(key)}'.*{message}"):
+        OvisU1.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("tokenizer.json", "{}", r"tokenizer\.json: field 'model' must be an object"),
+    ("tokenizer.json", "{corrupt", r"tokenizer\.json is not valid JSON"),
+    ("tokenizer.json", '{"model": {"type": "Nonsense"}}', r"tokenizer\.json is not a usable tokenizer"),
+    ("tokenizer_config.json", '{"auto_map": {"AutoTokenizer": ["x.Tok", null]}}',
+     r"tokenizer_config\.json: .*auto_map"),
+    ("tokenizer_config.json", "[1]", r"tokenizer_config\.json must hold a JSON object"),
+])
+def test_bad_tokenizer_files(own_dir, tmp_path, name, text, message):
+    path = _copy_own(own_dir, tmp_path)
+    (path / name).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        OvisU1.from_pretrained(path)
+
+
+def test_save_refuses_non_finite_weights(make_tiny, tmp_path):
+    model = make_tiny(3)
+    with torch.no_grad():
+        model.vte.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"non-finite.*vte\.weight"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layouts", [("own", "own"), ("own", "published"), ("published", "own")])
+def test_save_keeps_the_users_files(tiny_model, make_tiny, tmp_path, layouts):
+    path = tmp_path / "ckpt"
+    tiny_model.save_pretrained(path, layout=layouts[0], max_shard_size=256 * 1024)
+    (path / "README.md").write_text("my notes")
+    (path / "samples").mkdir()
+    (path / "samples" / "a.txt").write_text("a")
+    other = make_tiny(4)
+    other.save_pretrained(path, layout=layouts[1], max_shard_size=256 * 1024)
+    assert (path / "README.md").read_text() == "my notes" and (path / "samples" / "a.txt").read_text() == "a"
+    names = {p.name for p in path.iterdir()}
+    # The previous checkpoint's own files are gone when the new layout does not write them.
+    assert ("model.safetensors" in names) == (layouts[1] == "own")
+    assert ("model.safetensors.index.json" in names) == (layouts[1] == "published")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    loaded = OvisU1.from_pretrained(path)
+    assert torch.allclose(loaded.vte.weight, other.vte.weight, atol=0.02)
+
+
+def test_a_crash_between_the_swaps_renames_is_recoverable(tiny_model, make_tiny, tmp_path, monkeypatch):
+    import os
+    path = tmp_path / "ckpt"
+    tiny_model.save_pretrained(path)
+    (path / "README.md").write_text("my notes")
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="killed"):
+        make_tiny(6).save_pretrained(path)
+    monkeypatch.undo()
+    assert not path.exists()
+    with pytest.warns(UserWarning, match="interrupted"):
+        loaded = OvisU1.from_pretrained(path)  # the old checkpoint, from where the swap left it
+    assert torch.equal(loaded.vte.weight, tiny_model.vte.weight)
+    other = make_tiny(7)
+    other.save_pretrained(path)  # puts the old one back first, then swaps as usual
+    assert torch.equal(OvisU1.from_pretrained(path).vte.weight, other.vte.weight)
+    assert (path / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -153,3 +153,58 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, words):
 def test_help(capsys):
     code, out, _ = run(capsys, "generate", "--help")
     assert code == 0 and "--prompt" in out
+
+
+# ---- hostile input (issue 32's battery): each a one-line error that names the problem ---------------------
+NOT_UTF8 = b"a \xff\xfe cat".decode("utf-8", "surrogateescape")  # how Python hands over undecodable argv bytes
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", *TINY, "--prompt", NOT_UTF8], ["--prompt", "not UTF-8"]),
+    (["generate", *TINY, "--prompt", "ok", "--prompt", NOT_UTF8], ["--prompt #2", "not UTF-8"]),
+    (["answer", *TINY, "--question", NOT_UTF8], ["--question", "not UTF-8"]),
+    (["edit", *TINY, "--image", "x.png", "--instruction", NOT_UTF8], ["--instruction", "not UTF-8"]),
+    (["generate", "--preset", "tiny", "--device", "bogus", "--prompt", "a cat"], ["--device 'bogus'", "cuda:N"]),
+    (["generate", "--preset", "tiny", "--device", "cuda:abc", "--prompt", "a cat"], ["--device 'cuda:abc'"]),
+    (["generate", "--preset", "tiny", "--device", "cpu:1", "--prompt", "a cat"], ["--device 'cpu:1'"]),
+    (["generate", *TINY, "--prompt", "a cat", "--seed", str(2**70)], ["--seed", str(2**70)]),
+    (["generate", *TINY, "--prompt", "a cat", "--seed", "-1"], ["--seed", "-1"]),
+    (["edit", *TINY, "--image", "/proc/self/mem", "--instruction", "x"], ["/proc/self/mem"]),
+    (["answer", *TINY, "--image", "/dev/zero", "--question", "x"], ["/dev/zero", "not a regular file"]),
+])
+def test_hostile_arguments_are_one_line_errors(capsys, argv, words):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, *words)
+
+
+def test_cuda_device_that_is_not_there(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run(capsys, "generate", "--preset", "tiny", "--device", "cuda:3", "--prompt", "a cat")
+    assert code == 2
+    assert_one_line_error(err, "cuda:3", "1 CUDA device")
+
+
+def test_image_without_read_permission(tmp_path, capsys, monkeypatch):
+    import os
+    path = tmp_path / "locked.png"
+    random_image(32, 32).save(path)
+    os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads anything: make the read fail as it would for a user
+        def denied(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "read_bytes", denied)
+    code, _, err = run(capsys, "answer", *TINY, "--image", str(path), "--question", "What is this?")
+    assert code == 2
+    assert_one_line_error(err, "locked.png", "Permission denied")
+
+
+def test_chat_stdin_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"How many?\n\xff\xfe oops\n")))
+    code, out, err = run(capsys, "answer", *TINY, "--chat", "--max-new-tokens", "2")
+    assert code == 2
+    assert out.count("\n") == 1  # the first line was answered before the bad one
+    assert_one_line_error(err, "stdin line 2", "not UTF-8")

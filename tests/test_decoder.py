@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ovis_u1.config import DecoderConfig, RefinerConfig, get_preset
-from ovis_u1.decoder import FirstBlockCache, VisualDecoder, latent_ids, pack_latents, unpack_latents
+from ovis_u1.decoder import VisualDecoder, latent_ids, pack_latents, unpack_latents
 from ovis_u1.layers import EmbedND, apply_rope, attention, attention_weights, sdpa
 from ovis_u1.refiner import TokenRefiner
+from ovis_u1.sampling import FirstBlockCache, cached_forward
 
 LATENT_H = LATENT_W = 8  # tiny latent grid -> 16 image tokens
 
@@ -232,13 +233,18 @@ def test_decoder_reference_changes_output(tiny, decoder):
     assert (with_ref - without).abs().max() > 1e-4
 
 
-def test_attention_record(tiny, decoder):
+def test_joint_attention_weights_through_a_hook(tiny, decoder):
     cfg = tiny.decoder
     kw = _decoder_inputs(cfg, with_ref=True)
     kw["txt_mask"] = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     record: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: record.append(m.joint_attention_weights(*args)))
+             for b in decoder.double_blocks]
     with torch.no_grad():
-        out = decoder(**kw, attention_record=record)
+        out = decoder(**kw)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
         plain = decoder(**kw)
     torch.testing.assert_close(out, plain)
     n = 5 + 2 * kw["img"].shape[1]
@@ -280,7 +286,7 @@ def test_first_block_cache_threshold_zero_never_hits(tiny, decoder):
     cache = FirstBlockCache(threshold=0.0)
     with torch.no_grad():
         for _ in range(3):
-            torch.testing.assert_close(decoder(**kw, cache=cache), decoder(**kw), atol=0, rtol=0)
+            torch.testing.assert_close(cached_forward(decoder, cache, **kw), decoder(**kw), atol=0, rtol=0)
     assert cache.calls == 3 and cache.hits == 0
 
 
@@ -288,13 +294,13 @@ def test_first_block_cache_hits(tiny, decoder):
     kw = _decoder_inputs(tiny.decoder, with_ref=True)
     cache = FirstBlockCache(threshold=1e9)
     with torch.no_grad():
-        first = decoder(**kw, cache=cache)
-        second = decoder(**kw, cache=cache)
+        first = cached_forward(decoder, cache, **kw)
+        second = cached_forward(decoder, cache, **kw)
     assert (cache.calls, cache.hits) == (2, 1)
     torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
     # A new batch shape drops the stored residuals: the next call is a full one.
     with torch.no_grad():
-        decoder(**_decoder_inputs(tiny.decoder, batch=1), cache=cache)
+        cached_forward(decoder, cache, **_decoder_inputs(tiny.decoder, batch=1))
     assert (cache.calls, cache.hits) == (3, 1)
     cache.reset()
     assert (cache.calls, cache.hits) == (0, 0)

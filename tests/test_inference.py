@@ -109,7 +109,7 @@ def test_one_prompt_forwards_need_no_attention_mask(tiny_model, photo, count_cal
 
 
 def test_fast_mode_fewer_decoder_evaluations(tiny_model, count_calls):
-    calls = count_calls(tiny_model.decoder)
+    calls = count_calls(tiny_model.decoder.double_blocks[0])  # every decoder evaluation runs it, cached or not
     kw = {k: v for k, v in FAST.items() if k != "num_inference_steps"}
     tiny_model.text_to_image("a red circle", mode="exact", **kw)
     exact_calls, exact_rows = len(calls), sum(r for r, _ in calls)
@@ -131,12 +131,11 @@ def test_fast_mode_fewer_decoder_evaluations(tiny_model, count_calls):
 
 def test_fast_mode_cache_hits(tiny_model, monkeypatch, count_calls):
     monkeypatch.setattr(tiny_model.config.generation, "fast_cache_threshold", 1e9)  # always reuse
-    calls = count_calls(tiny_model.decoder)
-    single = count_calls(tiny_model.decoder.single_blocks[0])
+    calls = count_calls(tiny_model.decoder.double_blocks[0])  # every evaluation, cached or not
+    single = count_calls(tiny_model.decoder.single_blocks[0])  # full evaluations only
     tiny_model.text_to_image("a red circle", mode="fast", **{**FAST, "num_inference_steps": 6})
-    cache = calls[0][1]["cache"]  # the first call holds the conditional branch, whose cache sums all hits
-    assert cache is not None and cache.hits > 0
-    assert len(single) == len(calls) - cache.hits  # a hit skips every block after the first
+    hits = len(calls) - len(single)  # a hit skips every block after the first
+    assert 0 < hits < len(calls)
 
 
 def test_fast_mode_without_shortcuts_equals_exact(tiny_model, monkeypatch):

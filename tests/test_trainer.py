@@ -451,7 +451,7 @@ def test_token_weights_make_a_weighted_mean_of_the_token_errors(tiny_model_fresh
     lam, n, k = 4.0, m.numel(), float(m.sum())
     assert loss(1 + lam * m) == pytest.approx((plain * n + lam * on_m * k) / (n + lam * k), rel=1e-5)
     assert on_m != pytest.approx(plain)
-    with pytest.raises(ValueError, match=r"data.edit_change_weight must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"data.edit_change_weight must be a number in \[0, inf\), got -1"):
         resolve("smoke", ["data.edit_change_weight=-1"])
 
 
@@ -561,3 +561,225 @@ def test_vae_quality_tells_a_trained_vae_from_an_untrained_one(capsys):
     assert re.search(r"default_model: n=4 mse=0\.\d{5} read_back=\d\.\d{3}", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         main(["--n", "0", "ovis_u1/default_model"])
+
+
+# ---- hostile settings, data and disks (issue 32's battery) ------------------------------------------------
+def _stage0(out: Path, *more: str) -> list[str]:
+    return [f"out_dir={out}", "progress=false", "threads=1", "only_stages=[stage0]", "stages.stage0.steps=2",
+            "log_every=1", *more]
+
+
+def _run_main(capsys, *argv: str) -> tuple[int, str]:
+    from train.__main__ import main
+    code = main(["--recipe", "smoke", *argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return code, lines[-1]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("ckpt_every=0", "ckpt_every must be an integer in [1"),
+    ("log_every=0", "log_every must be an integer in [1"),
+    ("stages.stage0.steps=abc", "stage 'stage0': steps must be an integer, got 'abc'"),
+    ("data.source=/no/such/file.jsonl", "data.source '/no/such/file.jsonl' does not exist"),
+    ("data.source=/", "data.source '/' is not a regular file"),
+    ("seed=" + str(2**70), "seed must be an integer in [0, 4294967295]"),
+    ("data.image_size=0", "data.image_size must be an integer in [32, 4096]"),
+    ("data.image_size=40", "data.image_size must be a multiple of 16"),
+    ("threads=-1", "threads must be an integer in [1"),
+    ("init=/no/such/checkpoint", "init '/no/such/checkpoint' does not exist"),
+    ("only_stages=[stage9]", "only_stages names unknown stages ['stage9']"),
+    ("lora.rank=0", "lora.rank must be an integer in [1"),
+    ("optim.grad_clip=.nan", "optim.grad_clip must be a number in [0, inf) (0 turns clipping off), got nan"),
+    ("optim.betas=[0.9, 2]", "optim.betas must be two numbers in [0, 1)"),
+    ("stages.stage0.lr=-1", "stage 'stage0': lr must be a finite number > 0"),
+    ("data=7", "data must be a mapping"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, override, words):
+    code, line = _run_main(capsys, f"out_dir={tmp_path / 'run'}", override)
+    assert code == 2 and words in line, line
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_empty_or_useless_data_source(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, line = _run_main(capsys, f"out_dir={tmp_path / 'a'}", f"data.source={empty}")
+    assert code == 2 and "is empty" in line
+    useless = tmp_path / "useless.jsonl"
+    useless.write_text('{"type": "t2i", "image": "gone.png", "caption": "x"}\n[1, 2]\n')
+    with pytest.warns(UserWarning, match="skipped 2 of 2"):
+        code, line = _run_main(capsys, f"out_dir={tmp_path / 'b'}", f"data.source={useless}")
+    assert code == 2 and "no usable records" in line and "missing_file" in line
+
+
+def test_two_trainers_and_a_fresh_run_never_share_a_run_folder(tmp_path):
+    from train.trainer import RunError, _lock_run
+    out = tmp_path / "run"
+    out.mkdir()
+    held = _lock_run(out)  # as a running trainer holds it
+    try:
+        with pytest.raises(RunError, match=rf"another trainer \(pid {os.getpid()}\) is running in"):
+            train(resolve("smoke", _stage0(out)))
+    finally:
+        held.close()
+    (out / "log.jsonl").write_text('{"global_step": 1, "stage": "stage0", "step": 1, "loss": 1.0}\n')
+    with pytest.raises(RunError, match=r"already holds a run \(log\.jsonl\); continue it with --resume"):
+        train(resolve("smoke", _stage0(out)))
+
+
+def test_resume_mends_the_log_and_clears_stale_temps(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # A run killed before its first checkpoint: its log lines belong to no checkpoint.
+    (out / "log.jsonl").write_text('{"global_step": 1, "stage": "stage0", "step": 1, "loss": 99.0}\n{"glob')
+    train(resolve("smoke", _stage0(out)), resume=True)
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in recs] == [1, 2] and recs[0]["loss"] != 99.0
+    # A torn last line (killed mid-write) and leftovers of a save killed midway, then --resume.
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"global_step": 3, "sta')
+    stale = out / "checkpoints" / ".step_0000004.x1y2z3"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    (out / "checkpoints" / ".latest.tmp").write_text("step_0000004")
+    train(resolve("smoke", _stage0(out)), resume=True)
+    assert [json.loads(x)["global_step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+
+
+def test_a_nan_loss_stops_the_run_and_exports_nothing(tmp_path, monkeypatch):
+    from train import trainer
+    out = tmp_path / "run"
+
+    def nan_loss(model, samples, generator, **kw):
+        return trainer.TASK_LOSSES_REAL["t2i"](model, samples, generator, **kw) * float("nan")
+
+    monkeypatch.setattr(trainer, "TASK_LOSSES_REAL", dict(trainer.TASK_LOSSES), raising=False)
+    monkeypatch.setitem(trainer.TASK_LOSSES, "t2i", nan_loss)
+    with pytest.raises(trainer.RunError, match=r"stage0 step 1 \(global step 1\): the loss is nan \(t2i nan\); "
+                                               r"training stopped and nothing non-finite was saved"):
+        train(resolve("smoke", _stage0(out)))
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed_or_exported(tmp_path, monkeypatch):
+    from train import trainer
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "lr_lambda", lambda *a: float("nan"))  # every update writes NaN weights
+    with pytest.raises(trainer.RunError, match=r"after stage0 step 1 \(global step 1\): \d+ weight tensor\(s\) "
+                                               r"hold NaN or inf"):
+        train(resolve("smoke", _stage0(out, "ckpt_every=1")))
+    assert not (out / "final").exists() and latest_checkpoint(out) is None
+
+
+def test_full_or_read_only_out_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from train import trainer
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, line = _run_main(capsys, *_stage0(blocker / "run"))
+    assert code == 1 and "could not create the run folder" in line and "Not a directory" in line
+    out = tmp_path / "run"
+    real_save = trainer.save_file
+    calls = []
+
+    def full_after_first_checkpoint(tensors, path, *a, **k):
+        calls.append(path)
+        if any("step_0000002" in str(p) for p in calls):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(trainer, "save_file", full_after_first_checkpoint)
+    code, line = _run_main(capsys, *_stage0(out, "ckpt_every=1"))
+    assert code == 1 and "could not save the checkpoint of step 2" in line and "No space left" in line
+    assert "free some space, then continue with --resume" in line
+    assert latest_checkpoint(out).name == "step_0000001"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height over a few bytes of pixel data: what a decompression bomb
+    shows a reader that looks at the header."""
+    import struct
+    import zlib
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_own_data_is_scanned_lazily_resized_and_skips_what_it_cannot_use(tmp_path):
+    from PIL import Image
+
+    from ovis_u1.shapes import ShapesWorld, write_jsonl
+    from ovis_u1.shapes.jsonl import scan_jsonl
+    from train.config import DataArgs
+    from train.data import TaskData
+    world = ShapesWorld()
+    folder = tmp_path / "data"
+    path = write_jsonl([world.t2i(i) for i in range(3)] + [world.edit(i) for i in range(2)]
+                       + [world.vqa(i) for i in range(2)], folder)
+    world.t2i(9).image.resize((80, 80)).save(folder / "odd.png")  # one image of another size
+    Image.new("1", (8000, 8000), 1).save(folder / "huge.png")  # 64 MP, a few KB on disk
+    _png_header_only(folder / "bomb.png", 13000, 13000)  # 169 MP
+    Image.new("RGB", (64, 64), "red").save(folder / "whole.png")
+    (folder / "torn.png").write_bytes((folder / "whole.png").read_bytes()[:60])  # header fine, data cut
+    lines = [json.dumps({"type": "t2i", "image": "odd.png", "caption": "an odd size"})]
+    lines += [json.dumps({"type": "t2i", "image": "huge.png", "caption": "huge"})] * 12
+    lines += [json.dumps({"type": "t2i", "image": "bomb.png", "caption": "bomb"})]
+    lines += [json.dumps({"type": "edit", "source": "torn.png", "instruction": "x", "target": "whole.png"})]
+    with open(path, "ab") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+        f.write(b'{"type": "t2i", "image": "odd.png", "caption": "\xff\xfe"}\n')  # invalid UTF-8
+        f.write(b"[" * 100_000 + b"\n")  # nested deeper than any parser goes
+    with pytest.warns(UserWarning, match="skipped 3 of 24") as caught:
+        _records, skipped = scan_jsonl(path)
+    assert skipped == {"too_large": 1, "not_utf8": 1, "malformed_json": 1}, str(caught[0].message)
+    data = TaskData(DataArgs(source=str(path), image_size=32))
+    assert len(data.own["t2i"]) == 16 and len(data.own["edit"]) == 3
+    t2i = data.batch("t2i", 0, 16)
+    assert {s.image.size for s in t2i} == {(32, 32)}  # the 80x80, the 64x64 and the 8000x8000 alike
+    assert {s.caption for s in t2i} >= {"an odd size", "huge"}
+    with pytest.warns(UserWarning, match="could not be decoded; skipped, the next record takes its place"):
+        edits = data.batch("edit", 0, 3)
+    assert all(s.source.size == s.target.size == (32, 32) for s in edits)
+    assert all(s.instruction != "x" for s in edits)
+    vqa = data.batch("vqa", 0, 2)
+    assert all(max(im.size) == 32 for s in vqa for im in s.images)
+
+
+def test_own_data_of_mixed_sizes_trains_every_stage_that_uses_it(tmp_path):
+    from ovis_u1.shapes import ShapesWorld, write_jsonl
+    world = ShapesWorld()
+    folder = tmp_path / "data"
+    path = write_jsonl([world.t2i(i) for i in range(3)] + [world.edit(i) for i in range(2)], folder)
+    world.t2i(7).image.resize((80, 80)).save(folder / "odd.png")
+    with open(path, "a") as f:
+        f.write(json.dumps({"type": "edit", "source": "odd.png", "instruction": "keep it", "target": "odd.png"}))
+    out = tmp_path / "run"
+    train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", f"data.source={path}",
+                            "only_stages=[stage5]", "stages.stage5.steps=3", "stages.stage5.batch_size=6"]))
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_an_export_target_it_cannot_replace_stops_the_run_before_training(tmp_path):
+    from train.trainer import RunError
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("keep")
+    with pytest.raises(RunError, match=r"export: .*work is a non-empty directory that holds no checkpoint"):
+        train(resolve("smoke", _stage0(tmp_path / "run", f"export={work}")))
+    assert not (tmp_path / "run" / "log.jsonl").exists() and (work / "thesis.tex").read_text() == "keep"
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(resolve("smoke", _stage0(out)))
+    (latest_checkpoint(out) / "model.safetensors").write_bytes(b"\x00 not safetensors")
+    code, line = _run_main(capsys, *_stage0(out), "--resume")
+    assert code == 1 and "cannot resume from" in line and "step_0000002" in line and "damaged" in line

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import resolve
-from .trainer import train
+from ovis_u1.checkpoint import CheckpointError
+
+from .config import SettingsError, resolve
+from .trainer import RunError, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = resolve(a.recipe, a.overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    train(args, resume=a.resume)
+        return _fail(e, 2)
+    try:
+        train(args, resume=a.resume)
+    except (SettingsError, CheckpointError) as e:  # found once the data or the init checkpoint is read
+        return _fail(e, 2)
+    except RunError as e:
+        return _fail(e, 1)
     return 0
+
+
+def _fail(e: Exception, code: int) -> int:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

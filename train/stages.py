@@ -31,6 +31,19 @@ class StageArgs:
     ema: float = 0.0
 
     def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a stage's name must be a non-empty string, got {self.name!r}")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"stage {self.name!r}: {name} must be an integer, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+            raise ValueError(f"stage {self.name!r}: lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.trainable, list) or not isinstance(self.tasks, dict) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")
+                for w in self.tasks.values()):
+            raise ValueError(f"stage {self.name!r}: trainable must be a list of components and tasks a mapping of "
+                             f"task to a positive share, got {self.trainable!r} and {self.tasks!r}")
         bad = [c for c in self.trainable if c not in COMPONENTS]
         if bad or not self.trainable:
             raise ValueError(f"stage {self.name!r}: trainable must name components from {COMPONENTS}, got "

@@ -7,6 +7,8 @@ Runs under Hugging Face accelerate: one process on CPU, DDP/FSDP when launched o
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
@@ -14,24 +16,31 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ovis_u1.acceleration import bf16_is_native
-from ovis_u1.checkpoint import state_for_saving
+from ovis_u1.checkpoint import CheckpointError, check_save_target, state_for_saving
 from ovis_u1.config import OvisU1Config
 from ovis_u1.model import OvisU1
 
-from .config import DataArgs, TrainArgs
+from .config import DataArgs, TrainArgs, check
 from .data import TaskData
 from .lora import apply_lora, lora_parameters, merge_lora
 from .losses import TASK_LOSSES
 from .stages import StageArgs
+
+
+class RunError(RuntimeError):
+    """Something that stops a run (non-finite numbers, an out folder that cannot be written, another
+    trainer on it); `python -m train` prints it as one line. What was saved before it stays intact."""
 
 
 @dataclass
@@ -215,18 +224,27 @@ def save_checkpoint(out_dir: Path, model: OvisU1, optimizer, state: TrainState, 
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.global_step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpts))
-    save_file(state_for_saving(model), tmp / "model.safetensors")
-    (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-    if average is not None:
-        save_file({n: t.contiguous().cpu() for n, t in average.shadow.items()}, tmp / "ema.safetensors")
-    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
-    args.save(tmp / "train_config.json")
+    try:
+        weights = state_for_saving(model)
+        bad = [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]
+        if bad:  # a checkpoint that --resume would carry on from must hold usable weights
+            raise RunError(f"refusing to checkpoint step {state.global_step}: {len(bad)} weight tensor(s) hold NaN "
+                           f"or inf, e.g. {bad[:3]}")
+        save_file(weights, tmp / "model.safetensors")
+        (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if optimizer is not None:
+            tensors, meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            (tmp / "optimizer.json").write_text(json.dumps(meta))
+        if average is not None:
+            save_file({n: t.contiguous().cpu() for n, t in average.shadow.items()}, tmp / "ema.safetensors")
+        save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
+        args.save(tmp / "train_config.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not also keep a half checkpoint forever
+        raise
     final = ckpts / name
     if final.exists():
         shutil.rmtree(final)
@@ -305,27 +323,57 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.cpu, kwargs_handlers=[DistributedDataParallelKwargs(
         find_unused_parameters=True)])
     out_dir = Path(args.out_dir)
     main = accelerator.is_main_process
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        args.save(out_dir / "train_config.json")
     stages = scaled_stages(args)
     data = TaskData(args.data)
+    for stage in stages:
+        data.require(stage.tasks, stage.name)
+    lock = None
+    if main:
+        with _writing(out_dir, "create the run folder"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_run(out_dir)
+            _check_fresh_or_resumed(out_dir, resume)
+            try:  # the export comes last: a target it cannot replace must stop the run now, not hours later
+                check_save_target(Path(args.export) if args.export else out_dir / "final")
+            except CheckpointError as e:
+                raise RunError(f"export: {e}") from None
+            _remove_stale_temps(out_dir)
+            args.save(out_dir / "train_config.json")
+    try:
+        return _train(args, accelerator, out_dir, stages, data, resume)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(args: TrainArgs, accelerator, out_dir: Path, stages: list[StageArgs], data: TaskData,
+           resume: bool) -> Path:
+    main = accelerator.is_main_process
     generator = torch.Generator()
     opt_state = ema_state = None
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        model, state, opt_state, rng, ema_state = load_checkpoint(ckpt, args)
+        try:
+            model, state, opt_state, rng, ema_state = load_checkpoint(ckpt, args)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise RunError(f"cannot resume from {ckpt}: {' '.join(str(e).split())[:300]}; it is damaged, so point "
+                           f"{out_dir / 'checkpoints' / 'latest'} at the one before it (or remove --resume)") from e
         generator.set_state(rng)
-        _truncate_log(out_dir / "log.jsonl", state.global_step)
+        if main:
+            with _writing(out_dir, "rewrite log.jsonl"):
+                _truncate_log(out_dir / "log.jsonl", state.global_step)
     else:
         if resume and main:
             print(f"no checkpoint in {out_dir}; starting from scratch")
+            with _writing(out_dir, "rewrite log.jsonl"):  # lines of a run killed before its first checkpoint
+                _truncate_log(out_dir / "log.jsonl", 0)
         model = build_model(args, data)
         state = TrainState()
         generator.manual_seed(args.seed * 1000 + accelerator.process_index)
@@ -369,9 +417,15 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
                 batches[task] = data.batch(task, start, local, stage.vqa_kinds)
                 state.drawn[task] = state.drawn.get(task, 0) + local * world
             loss, parts = module(batches, stage.tasks, generator)
+            step = f"{stage.name} step {state.stage_step + 1} (global step {state.global_step + 1})"
+            if not _everywhere(accelerator, bool(torch.isfinite(loss.detach()))):
+                losses = ", ".join(f"{t} {v:g}" for t, v in parts.items())
+                raise RunError(_non_finite_message(f"{step}: the loss is {float(loss.detach()):g} ({losses})", out_dir))
             accelerator.backward(loss)
             if args.optim.grad_clip:
-                accelerator.clip_grad_norm_(params, args.optim.grad_clip)
+                norm = accelerator.clip_grad_norm_(params, args.optim.grad_clip)
+                if not _everywhere(accelerator, bool(torch.isfinite(norm))):
+                    raise RunError(_non_finite_message(f"{step}: the gradient norm is {float(norm):g}", out_dir))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if average is not None:
@@ -384,16 +438,21 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
                 if average is not None:
                     if main:  # the last trained weights, for comparing them with the average
                         raw = {n: p.detach().contiguous().cpu() for n, p in average.params.items()}
-                        (out_dir / "raw").mkdir(exist_ok=True)
-                        _atomic_write(out_dir / "raw" / f"{stage.name}.safetensors", partial(save_file, raw))
+                        with _writing(out_dir, "save the stage's last trained weights"):
+                            (out_dir / "raw").mkdir(exist_ok=True)
+                            _atomic_write(out_dir / "raw" / f"{stage.name}.safetensors", partial(save_file, raw))
                     average.copy_to_model()
                 if "vae" in stage.trainable:
                     calibrate_vae(model, data)
                 state.stage_index += 1
                 state.stage_step = 0
-            if main and (state.global_step % args.ckpt_every == 0 or state.stage_step == 0):
-                save_checkpoint(out_dir, model, optimizer if state.stage_step else None, state, args, generator,
-                                args.keep_checkpoints, average if state.stage_step else None)
+            if state.global_step % args.ckpt_every == 0 or state.stage_step == 0:
+                _check_finite_weights(accelerator, model, f"after {stage.name} step {state.stage_step or stage.steps} "
+                                      f"(global step {state.global_step})", out_dir)
+                if main:
+                    with _writing(out_dir, f"save the checkpoint of step {state.global_step}"):
+                        save_checkpoint(out_dir, model, optimizer if state.stage_step else None, state, args,
+                                        generator, args.keep_checkpoints, average if state.stage_step else None)
             accelerator.wait_for_everyone()
             if state.stage_step == 0:
                 break
@@ -404,22 +463,113 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
     log.close()
     export = Path(args.export) if args.export else out_dir / "final"
     model.llm.set_attn_implementation("sdpa")  # the exported model runs inference on the fused kernel
+    if args.lora.enabled:
+        merge_lora(model)
+    _check_finite_weights(accelerator, model, "before the export", out_dir)
     if main:
-        if args.lora.enabled:
-            merge_lora(model)
-        model.eval().save_pretrained(export)
-        log.plot()
+        with _writing(out_dir, f"export the trained model to {export}"):
+            model.eval().save_pretrained(export)
+            log.plot()
         print(f"saved the trained model to {export}")
     accelerator.wait_for_everyone()
     return export
+
+
+def _log_records(path: Path) -> list[dict]:
+    """log.jsonl's records; a line a kill tore in half (or any line that is not a record) is left out."""
+    records = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("global_step"), int):
+            records.append(rec)
+    return records
 
 
 def _truncate_log(path: Path, global_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["global_step"] <= global_step]
-    _atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = [rec for rec in _log_records(path) if rec["global_step"] <= global_step]
+    _atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in keep))
+
+
+# ---- guarding the run --------------------------------------------------------------------------------------
+def _lock_run(out_dir: Path):
+    """Hold an exclusive lock on out_dir for the whole run: two trainers must not interleave one log and
+    one set of checkpoints. The kernel drops the lock when the process dies, so a killed run leaves none."""
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(f"another trainer ({owner}) is running in {out_dir}; wait for it to finish or choose "
+                       "another out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _check_fresh_or_resumed(out_dir: Path, resume: bool) -> None:
+    """A fresh run must not write into another run's folder: its log and checkpoints would mix with it."""
+    if resume:
+        return
+    previous = [name for name in ("log.jsonl", "checkpoints") if (out_dir / name).exists()]
+    if previous:
+        raise RunError(f"{out_dir} already holds a run ({', '.join(previous)}); continue it with --resume, or "
+                       "choose another out_dir (or delete the old run)")
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Temp files and folders that a run killed mid-write leaves behind (the lock says no run is writing)."""
+    ckpts = out_dir / "checkpoints"
+    for folder in (out_dir, ckpts, out_dir / "raw"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if folder == ckpts and p.name.startswith(".step_") and p.is_dir():
+                shutil.rmtree(p)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink()
+
+
+@contextmanager
+def _writing(out_dir: Path, what: str):
+    """A read-only or full out folder stops the run with one line; the last checkpoint survives both."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space"}.get(
+            e.errno, "check that the folder is writable")
+        raise RunError(f"could not {what}{where}: {e.strerror or e}; {hint}, then continue with --resume "
+                       f"(the last complete checkpoint in {out_dir} is kept)") from e
+
+
+def _everywhere(accelerator, ok: bool) -> bool:
+    """`ok` on every rank (one small all-gather), so all ranks stop together instead of hanging."""
+    if accelerator.num_processes == 1:
+        return ok
+    flags = accelerator.gather(torch.tensor([float(ok)], device=accelerator.device))
+    return bool(flags.min() > 0)
+
+
+def _non_finite_message(what: str, out_dir: Path) -> str:
+    return (f"{what}; training stopped and nothing non-finite was saved. The last checkpoint in "
+            f"{out_dir / 'checkpoints'} is intact; lower the stage's lr or set optim.grad_clip, then rerun")
+
+
+def _check_finite_weights(accelerator, model: OvisU1, when: str, out_dir: Path) -> None:
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not _everywhere(accelerator, not bad):
+        raise RunError(_non_finite_message(f"{when}: {len(bad)} weight tensor(s) hold NaN or inf, e.g. {bad[:3]}",
+                                           out_dir))
 
 
 class _Logger:
@@ -452,7 +602,7 @@ class _Logger:
         if state.global_step % every == 0 or step_in_stage in (1, stage.steps):
             rec = {"global_step": state.global_step, "stage": stage.name, "step": step_in_stage, "loss": loss,
                    **{f"loss_{k}": v for k, v in parts.items()}, "lr": lr, "samples_per_s": sps}
-            with open(self.out_dir / "log.jsonl", "a") as f:
+            with _writing(self.out_dir, "append to log.jsonl"), open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
@@ -469,7 +619,9 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     from matplotlib.figure import Figure
     if not log_path.exists():
         return
-    recs = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln]
+    recs = [r for r in _log_records(log_path) if isinstance(r.get("stage"), str) and "step" in r]
+    if not recs:
+        return
     stages = list(dict.fromkeys(r["stage"] for r in recs))
     fig = Figure(figsize=(3.2 * len(stages), 2.8))
     axes = fig.subplots(1, len(stages), squeeze=False)

@@ -11,27 +11,49 @@ exchange becomes the sample's question and answer and the earlier ones its histo
 the loss on every answer. "<image>" placeholders are dropped from the questions (the processor places
 the images at the start of the first turn itself). `write_jsonl` exports world samples in this
 format, as an example to copy.
+
+Reading is in two steps so a training set costs little memory: `scan_jsonl` parses every line and reads
+only each image's header (size, format), skipping and counting what cannot be used; `materialise` decodes
+one record's images when a batch needs them, resized to the training size. `load_jsonl` does both at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import stat
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ovis_u1.shapes.world import EditSample, Spec, T2ISample, VQASample
 
 Sample = T2ISample | VQASample | EditSample
+# Images above this are skipped from their header, before any decoding (the bound load_image applies).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class _Skip(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable line of a JSONL file, its images not yet decoded. `images`: t2i (image,), vqa the
+    question's images, edit (source, target)."""
+
+    kind: str
+    images: tuple[Path, ...]
+    text: str  # caption, question or instruction
+    answer: str = ""
+    history: tuple[tuple[str, str], ...] = ()
+    spec: Spec | None = None
+    line: int = 0
 
 
 def _text(record: dict, key: str) -> str:
@@ -41,17 +63,41 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def _image(root: Path, rel) -> Image.Image:
-    if not isinstance(rel, str):
-        raise _Skip("missing_fields")
-    path = root / rel
-    if not path.is_file():
-        raise _Skip("missing_file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception:  # PIL reports corrupt files as OSError, ValueError or even SyntaxError
-        raise _Skip("unreadable_image") from None
+class _Probe:
+    """Checks image files from their headers alone, once per path."""
+
+    def __init__(self, root: Path, max_pixels: int):
+        self.root, self.max_pixels = root, max_pixels
+        self.seen: dict[Path, str | None] = {}
+
+    def __call__(self, rel) -> Path:
+        if not isinstance(rel, str) or not rel:
+            raise _Skip("missing_fields")
+        path = self.root / rel
+        if path not in self.seen:
+            self.seen[path] = self._problem(path)
+        if self.seen[path] is not None:
+            raise _Skip(self.seen[path])
+        return path
+
+    def _problem(self, path: Path) -> str | None:
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):  # a folder, a pipe: nothing to decode
+                return "missing_file"
+        except (OSError, ValueError):
+            return "missing_file"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:  # reads the header only
+                    w, h = im.size
+        except Image.DecompressionBombError:
+            return "too_large"
+        except Exception:  # PIL reports unknown or corrupt headers as OSError, ValueError or SyntaxError
+            return "unreadable_image"
+        if w < 1 or h < 1:
+            return "unreadable_image"
+        return "too_large" if w * h > self.max_pixels else None
 
 
 def _exchanges(record: dict) -> list[tuple[str, str]]:
@@ -72,7 +118,7 @@ def _exchanges(record: dict) -> list[tuple[str, str]]:
     return pairs
 
 
-def _parse(record, root: Path) -> Sample:
+def _parse(record, probe: _Probe, line: int) -> Record:
     if not isinstance(record, dict):
         raise _Skip("malformed_json")
     kind = record.get("type")
@@ -80,42 +126,107 @@ def _parse(record, root: Path) -> Sample:
         caption, spec = _text(record, "caption"), record.get("spec")
         try:
             spec = Spec.from_dict(spec) if spec else None
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise _Skip("missing_fields") from None
-        return T2ISample(_image(root, record.get("image")), caption, spec)
+        return Record("t2i", (probe(record.get("image")),), caption, spec=spec, line=line)
     if kind == "vqa":
         *history, (question, answer) = _exchanges(record)
         paths = record.get("images", [record["image"]] if "image" in record else None)
         if not isinstance(paths, list) or not paths:
             raise _Skip("missing_fields")
-        return VQASample([_image(root, p) for p in paths], question, answer, history)
+        return Record("vqa", tuple(probe(p) for p in paths), question, answer, tuple(history), line=line)
     if kind == "edit":
         instruction = _text(record, "instruction")
-        return EditSample(_image(root, record.get("source")), instruction, _image(root, record.get("target")))
+        return Record("edit", (probe(record.get("source")), probe(record.get("target"))), instruction, line=line)
     raise _Skip("unknown_type")
 
 
-def load_jsonl(path: str | Path) -> tuple[list[Sample], dict[str, int]]:
-    """-> (samples, skipped reason -> count). Bad records are skipped, never raised: malformed JSON,
-    missing fields, unknown type, missing or unreadable image files; one warning summarises them."""
-    path = Path(path)
-    samples: list[Sample] = []
+def _scan(path: Path, max_pixels: int) -> tuple[list[Record], Counter, dict[str, int]]:
+    records: list[Record] = []
     skipped: Counter = Counter()
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    probe = _Probe(path.parent, max_pixels)
+    # Binary lines, decoded one at a time: one line of bad UTF-8 is one skipped record, not a failed load.
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
             try:
-                samples.append(_parse(json.loads(line), path.parent))
-            except (_Skip, json.JSONDecodeError) as e:
-                reason = e.reason if isinstance(e, _Skip) else "malformed_json"
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                records.append(_parse(json.loads(line), probe, line_no))
+            except (_Skip, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                # RecursionError: JSON nested deeper than the parser goes (e.g. 100k "[")
+                reason = e.reason if isinstance(e, _Skip) else "not_utf8" if isinstance(e, UnicodeDecodeError) \
+                    else "malformed_json"
                 skipped[reason] += 1
                 first_line.setdefault(reason, line_no)
+    return records, skipped, first_line
+
+
+def _warn_skipped(path: Path, skipped: Counter, first_line: dict[str, int], kept: int) -> None:
     if skipped:
         detail = ", ".join(f"{r}: {c} (first at line {first_line[r]})" for r, c in skipped.most_common())
-        warnings.warn(f"{path}: skipped {sum(skipped.values())} of {sum(skipped.values()) + len(samples)} "
-                      f"records: {detail}", stacklevel=2)
+        warnings.warn(f"{path}: skipped {sum(skipped.values())} of {sum(skipped.values()) + kept} "
+                      f"records: {detail}", stacklevel=3)
+
+
+def scan_jsonl(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[Record], dict[str, int]]:
+    """-> (records, skipped reason -> count), decoding no image. Bad records are skipped, never raised:
+    invalid UTF-8, malformed or too deeply nested JSON, missing fields, unknown type, missing image files,
+    unreadable image headers, images over `max_pixels`; one warning summarises them."""
+    path = Path(path)
+    records, skipped, first_line = _scan(path, max_pixels)
+    _warn_skipped(path, skipped, first_line, len(records))
+    return records, dict(skipped)
+
+
+def _decode(path: Path, size: int | None, square: bool) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            if size is not None:
+                im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
+            image = ImageOps.exif_transpose(im).convert("RGB")
+    except Exception:  # a header that read fine over data that does not (truncated, corrupt)
+        raise _Skip("unreadable_image") from None
+    if size is None:
+        return image
+    # Generation targets are size x size (centre-cropped to a square); understanding images keep their
+    # aspect ratio, the longer side at `size`.
+    if square:
+        return ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+    return ImageOps.contain(image, (size, size), Image.Resampling.BICUBIC)
+
+
+class UnusableRecord(ValueError):
+    """A record whose images could not be decoded although their headers read fine."""
+
+
+def materialise(record: Record, size: int | None = None) -> Sample:
+    """The record as a sample with decoded RGB images, resized for training when `size` is given."""
+    try:
+        images = [_decode(p, size, square=record.kind != "vqa") for p in record.images]
+    except _Skip as e:
+        raise UnusableRecord(f"line {record.line}: {e.reason}") from None
+    if record.kind == "t2i":
+        return T2ISample(images[0], record.text, record.spec)
+    if record.kind == "vqa":
+        return VQASample(images, record.text, record.answer, list(record.history))
+    return EditSample(images[0], record.text, images[1])
+
+
+def load_jsonl(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[Sample], dict[str, int]]:
+    """-> (samples, skipped reason -> count): `scan_jsonl` and every image decoded at its own size (small
+    sets; training decodes lazily through `materialise`). One warning summarises the skipped records."""
+    path = Path(path)
+    records, skipped, first_line = _scan(path, max_pixels)
+    samples = []
+    for r in records:
+        try:
+            samples.append(materialise(r))
+        except UnusableRecord:
+            skipped["unreadable_image"] += 1
+            first_line["unreadable_image"] = min(first_line.get("unreadable_image", r.line), r.line)
+    _warn_skipped(path, skipped, first_line, len(samples))
     return samples, dict(skipped)
 
 
