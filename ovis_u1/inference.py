@@ -527,6 +527,8 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
     kwargs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
                   max_new_tokens=max_new, do_sample=do_sample, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                   use_cache=use_cache)
+    if model.config.generation.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = model.config.generation.no_repeat_ngram_size
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:

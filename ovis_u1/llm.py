@@ -76,15 +76,22 @@ def condition_hidden_states(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attent
 def generate_without_cache(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor,
                            max_new_tokens: int, eos_token_id: int, pad_token_id: int, min_new_tokens: int = 0,
                            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                           streamer=None, **_) -> Tensor:
+                           no_repeat_ngram_size: int = 0, streamer=None, **_) -> Tensor:
     """`generate` that recomputes the whole sequence for every new token: the reference for the KV cache.
 
     transformers turns the cache back on whenever generation starts from `inputs_embeds` (as it must for
     image prompts), so `use_cache=False` needs its own loop. Returns the new tokens [B, n], rows that
     finished early padded with `pad_token_id`, as `generate` does for decoder-only inputs_embeds.
     """
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
     warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+    # As generate does from inputs_embeds: only the new tokens count as n-grams.
+    ban = NoRepeatNGramLogitsProcessor(no_repeat_ngram_size) if no_repeat_ngram_size else None
     embed = llm.get_input_embeddings()
     b, device = inputs_embeds.shape[0], inputs_embeds.device
     new = torch.empty(b, 0, dtype=torch.long, device=device)
@@ -95,6 +102,8 @@ def generate_without_cache(llm: Qwen3ForCausalLM, inputs_embeds: Tensor, attenti
                      use_cache=False).logits[:, -1].float()
         if i < min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
+        if ban is not None and new.shape[1]:
+            logits = ban(new, logits)
         if do_sample:
             token = torch.multinomial(warp(new, logits).softmax(dim=-1), num_samples=1)[:, 0]
         else:

@@ -101,7 +101,7 @@ def chat_flow(page, images: list[Path], question: str) -> str:
     # The reply is complete when the event ends: its status tracker hides again and the bubble has text.
     page.wait_for_function(
         "() => { const b = document.querySelectorAll('#chat [data-testid=bot]');"
-        " const t = document.querySelector('#chat [data-testid=status-tracker]');"
+        " const t = document.querySelector('#chat-status [data-testid=status-tracker]');"
         " return b.length && b[b.length - 1].innerText.trim() && (!t || t.classList.contains('hide')); }",
         timeout=TIMEOUT_MS)
     return page.locator("#chat [data-testid=bot]").last.inner_text().strip()
@@ -117,10 +117,34 @@ def refiner_flow(page, prompt: str, steps: int = STEPS, seed: int | None = None)
     wait_for_image(page, "#refiner-word img")
 
 
-def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
-    """A full-page PNG, palette-quantised (flat UI colours survive it) so it stays under max_bytes."""
+def capability_flow(page) -> str:
+    """The capability note at the top of the page: its text, once shown."""
+    note = page.locator("#capabilities")
+    note.get_by_text("What this model can do").first.wait_for()
+    return note.inner_text()
+
+
+def bad_upload_flow(page, files: dict[str, Path], broken: Path) -> str:
+    """One answered turn, then a message with an unreadable attachment: returns the error toast's text.
+
+    The refused message must leave the chat as it was and keep the question and attachment in the box.
+    """
+    chat_flow(page, [files["vqa"]], QUESTION)
+    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
+    box = page.locator("#chat-input textarea")
+    box.fill(BAD_QUESTION)
+    box.press("Enter")
+    toast = page.get_by_test_id("toast-text").filter(has_text=f"'{broken.name}' is not a readable image")
+    toast.wait_for()
+    page.wait_for_timeout(1000)  # let the toast finish sliding in before the screenshot
+    return toast.inner_text()
+
+
+def save_screenshot(page, path: Path, max_bytes: int = 300_000, full_page: bool = True) -> Path:
+    """A full-page (or the visible part's) PNG, palette-quantised (flat UI colours survive it) so it stays
+    under max_bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    image = Image.open(io.BytesIO(page.screenshot(full_page=full_page))).convert("RGB")
     for colors in (256, 128, 64):
         buf = io.BytesIO()
         image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
@@ -133,6 +157,7 @@ def save_screenshot(page, path: Path, max_bytes: int = 300_000) -> Path:
 # Samples the shipped default model gets right at these seeds (app.EXAMPLE_PICKS), for the pictures.
 EDIT_INSTRUCTION = "turn the triangle into a circle"  # ShapesWorld(split="heldout").edit(4, "replace")
 QUESTION = "What color is the triangle?"  # ShapesWorld(split="heldout").vqa(0, "color"): orange
+BAD_QUESTION = "And what is in this one?"
 
 
 def shapes_files(folder: Path) -> dict[str, Path]:
@@ -144,6 +169,8 @@ def shapes_files(folder: Path) -> dict[str, Path]:
     for name, image in files.items():
         out[name] = folder / f"{name}.png"
         image.save(out[name])
+    out["broken"] = folder / "broken.png"
+    out["broken"].write_bytes(b"this is not an image")
     return out
 
 
@@ -161,8 +188,13 @@ def main(argv=None) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = open_app(browser, url, "Understand")
+            capability_flow(page)
+            print(save_screenshot(page, args.out / "capabilities.png", full_page=False))
             chat_flow(page, [files["vqa"]], QUESTION)
             print(save_screenshot(page, args.out / "understand.png"))
+            page = open_app(browser, url, "Understand")
+            bad_upload_flow(page, files, files["broken"])
+            print(save_screenshot(page, args.out / "error_kept_chat.png"))
             # The model's own default steps (30) here: these pictures show what it makes.
             page = open_app(browser, url, "Create")
             create_flow(page, "a green triangle", steps=30, seed=0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
+import math
 import os
 import re
 import sys
@@ -32,7 +34,8 @@ import app
 from ovis_u1.checkpoint import CheckpointError
 from ovis_u1.inference import edit_size
 from ovis_u1.shapes import ShapesWorld
-from tests._app_server import REPO, shared_app
+from tests._app_server import REPO, shared_app, start_app
+from tests.web_battery import data_url, one_colour_png, png_header_only, raw_call, upload
 
 STEPS = 3
 ENDPOINTS = {"/chat", "/text_to_image", "/edit", "/keep_editing", "/undo_edit", "/refiner_report",
@@ -171,8 +174,8 @@ def test_edit_then_keep_editing_then_undo(server, reference, shapes):
     c = new_client(server)
     source = Image.open(shapes["edit"]).convert("RGB")
     instruction = ShapesWorld(split="heldout").edit(0, "recolor").instruction
-    result, history = c.predict(handle_file(shapes["edit"]), instruction, STEPS, 3.0, 1.5, 5, "exact",
-                                api_name="/edit")
+    result, history, note = c.predict(handle_file(shapes["edit"]), instruction, STEPS, 3.0, 1.5, 5, "exact",
+                                      api_name="/edit")
     h, w = edit_size(reference, source)
     assert Image.open(result).size == (w, h)
     want = reference.edit(source, instruction, num_inference_steps=STEPS, guidance_scale=3.0,
@@ -180,13 +183,14 @@ def test_edit_then_keep_editing_then_undo(server, reference, shapes):
     assert_close(result, want)
     assert [x["caption"] for x in history] == ["original", f"1. {instruction}"]
 
-    result2, history = c.predict("remove the circle", STEPS, 3.0, 1.5, 5, "exact", api_name="/keep_editing")
+    assert note == "Result 64x64, the size of the input."
+    result2, history, _ = c.predict("remove the circle", STEPS, 3.0, 1.5, 5, "exact", api_name="/keep_editing")
     assert [x["caption"] for x in history] == ["original", f"1. {instruction}", "2. remove the circle"]
     want2 = reference.edit(want, "remove the circle", num_inference_steps=STEPS, guidance_scale=3.0,
                            image_guidance_scale=1.5, seed=5, progress=False)[0]
     assert_close(result2, want2)
 
-    result3, history = c.predict(api_name="/undo_edit")
+    result3, history, _ = c.predict(api_name="/undo_edit")
     assert len(history) == 2
     assert np.array_equal(image_at(result3), image_at(result))
 
@@ -195,12 +199,16 @@ def test_refiner_endpoints_return_plots(client, reference):
     prompt = "a red circle to the left of a blue square"
     tokens, attention, gates, movement, word = client.predict(prompt, api_name="/refiner_report")
     report = app.insight.refiner_report(reference, prompt)
-    assert [t["token"] for t in tokens] == [report.tokens[i] for i in report.prompt_indices]
+    words = app.refiner_words(report)
+    assert [t["token"] for t in tokens] == [w for w, _ in words]
+    assert "".join(w for w, _ in words).replace(" ", "") == prompt.replace(" ", "")
     for plot in (attention, gates, movement):
         assert plot_png(plot).size[0] > 100
-    assert word["value"] == report.prompt_indices[-1]
-    heat = client.predict(prompt, report.prompt_indices[2], STEPS, 2, 1, api_name="/word_attention")
+    assert word["value"] == ",".join(map(str, words[-1][1]))
+    heat = client.predict(prompt, ",".join(map(str, words[2][1])), STEPS, 2, 1, api_name="/word_attention")
     assert plot_png(heat).size[0] > 100
+    with pytest.raises(AppError, match="word must be a token position"):
+        client.predict(prompt, "red", STEPS, 2, 1, api_name="/word_attention")
 
 
 def test_eight_concurrent_requests_from_separate_sessions(server, client, reference, shapes):
@@ -224,7 +232,7 @@ def test_eight_concurrent_requests_from_separate_sessions(server, client, refere
         assert user_texts(chat) == [question]  # no turn from the other session
         assert last_answer(chat) == shown_answer(reference.answer(question, [shapes[name]], max_new_tokens=8))
     for text, job in zip(instructions, edits):
-        _, history = job.result(timeout=180)
+        _, history, _ = job.result(timeout=180)
         assert [x["caption"] for x in history] == ["original", f"1. {text}"]
     assert server.alive()
 
@@ -253,14 +261,242 @@ def test_bad_input_gives_a_readable_error_and_the_server_keeps_serving(server, s
     assert server.alive()
 
 
+# ---- hostile input (issue #32): every class through gradio_client and raw HTTP --------------------------
+LONG = "a green triangle " * 80  # 1,360 characters, ~246 tokens: far past every prompt bound here
+
+
+def raw(server, api: str, data: list) -> str:
+    """A hand-written client's call (NaN and lone surrogates allowed in the JSON): 'complete: ...' or
+    'error: ...' with the payload the server streamed back."""
+    kind, payload = raw_call(server.url, api, data)
+    return f"{kind}: {payload}"
+
+
+def refused(message: str, needle: str) -> None:
+    assert message.startswith("error") or "AppError" in message, message
+    assert needle in message, message
+    assert '"error": null' not in message and "internal error" not in message, message
+
+
+def app_error(call) -> str:
+    with pytest.raises(AppError) as err:
+        call()
+    return f"AppError: {err.value}"
+
+
+def test_long_prompts_are_refused_on_every_endpoint_with_the_bound_named(client):
+    refused(app_error(lambda: client.predict(LONG, api_name="/refiner_report")), "at most 256 are accepted")
+    # Short words, many tokens: the refiner tab's bound is in tokens (its attention plot grows with them).
+    refused(app_error(lambda: client.predict("red " * 40, api_name="/refiner_report")),
+            "tokens long; at most 32 tokens")
+    refused(app_error(lambda: client.predict(LONG, 0, STEPS, 1, 1, api_name="/word_attention")), "at most 256")
+    refused(app_error(lambda: client.predict(LONG, 64, 64, STEPS, 3.0, 1, 1, "exact", api_name="/text_to_image")),
+            "prompt is 1,359 characters long; at most 1,024")
+    refused(app_error(lambda: client.predict({"text": LONG, "files": []}, 8, api_name="/chat")),
+            "question is 1,359 characters long")
+    refused(app_error(lambda: client.predict(LONG, STEPS, 3.0, 1.5, 1, "exact", api_name="/keep_editing")),
+            "instruction is 1,359 characters long")
+
+
+def test_too_many_files_and_huge_images_are_refused_from_their_header(server):
+    small = one_colour_png(64, 64)
+    files = [upload(server.url, f"s{k}.png", small) for k in range(app.MAX_FILES + 1)]
+    refused(raw(server, "chat", [{"text": "What is this?", "files": files}, 8]),
+            f"5 images attached; at most {app.MAX_FILES}")
+    big = one_colour_png(8000, 8000)  # 76 KB, 64 megapixels
+    refused(raw(server, "chat", [{"text": "What is this?", "files": [upload(server.url, "big.png", big)]}, 8]),
+            "'big.png' is 8000x8000 = 64,000,000 pixels; images may have at most 24,000,000")
+    refused(raw(server, "edit", [upload(server.url, "big.png", big), "make it red", STEPS, 3.0, 1.5, 1, "exact"]),
+            "8000x8000")
+    # A header with no pixel data behind it: only a header check can refuse it by its size.
+    bomb = upload(server.url, "bomb.png", png_header_only(30000, 30000))
+    refused(raw(server, "chat", [{"text": "What is this?", "files": [bomb]}, 8]), "'bomb.png' is too large")
+
+
+def test_images_sent_inline_through_the_api(server, reference):
+    settings = ["make it red", STEPS, 3.0, 1.5, 1, "exact"]
+    meta = {"meta": {"_type": "gradio.FileData"}}
+    refused(raw(server, "edit", [{"url": data_url(png_header_only(13000, 13000)), **meta}, *settings]),
+            "the image sent inline (data: URL or base64 text) is a suspected decompression bomb")
+    refused(raw(server, "edit", [{"url": data_url(png_header_only(30000, 30000))}, *settings]), "decompression bomb")
+    refused(raw(server, "edit", [{"url": data_url(b"not an image"), **meta}, *settings]), "not a readable image")
+    refused(raw(server, "edit", [{"url": "data:image/png;base64,@@@@", **meta}, *settings]), "not valid base64")
+    refused(raw(server, "edit", [base64.b64encode(b"hello").decode(), *settings]), "not a readable image")
+    refused(raw(server, "edit", [12, *settings]), "must be an uploaded file, a data: URL or base64 text")
+    # A valid image as bare base64 is edited like an upload.
+    png = io.BytesIO()
+    ShapesWorld(split="heldout").edit(0, "recolor").source.save(png, format="PNG")
+    kind, payload = raw_call(server.url, "edit", [base64.b64encode(png.getvalue()).decode(), *settings])
+    assert kind == "complete", payload
+    assert Image.open(json.loads(payload)[0]["path"]).size == (64, 64)
+
+
+NAN = float("nan")
+T2I = ["a red circle", 64, 64, STEPS, 3.0, 1, 1, "exact"]
+
+
+def with_value(args: list, k: int, value) -> list:
+    return [*args[:k], value, *args[k + 1:]]
+
+
+@pytest.mark.parametrize("api, data, needle", [
+    ("text_to_image", with_value(T2I, 5, "abc"), "seed must be a number, got 'abc'"),
+    ("text_to_image", with_value(T2I, 5, NAN), "seed must be a finite number"),
+    ("text_to_image", with_value(T2I, 1, NAN), "height must be a finite number"),
+    ("text_to_image", with_value(T2I, 3, NAN), "steps must be a finite number"),
+    ("text_to_image", with_value(T2I, 6, NAN), "images must be a finite number"),
+    ("text_to_image", with_value(T2I, 3, 2.5), "steps must be a whole number"),
+    ("text_to_image", with_value(T2I, 1, 256), "height must be between 32 and 128, got 256"),
+    ("text_to_image", with_value(T2I, 0, None), "prompt must be text, got nothing"),
+    ("text_to_image", with_value(T2I, 0, "a red \ud800"), "prompt contains '\\\\ud800' at position 6"),
+    ("chat", [{"text": "What color?", "files": []}, NAN], "max new tokens must be a finite number"),
+    ("chat", [{"text": "\ud800", "files": []}, 8], "question contains"),
+    ("refiner_report", [None], "prompt must be text"),
+    ("keep_editing", [None, STEPS, 3.0, 1.5, 1, "exact"], "instruction must be text"),
+    ("keep_editing", ["make it red", STEPS, 3.0, 1.5, NAN, "exact"], "seed must be a finite number"),
+])
+def test_bad_values_name_their_field(server, api, data, needle):
+    refused(raw(server, api, data), needle)
+
+
+def test_user_errors_print_no_traceback_in_the_server_log(server):
+    start = len(server.log.read_text(errors="replace"))
+    refused(raw(server, "text_to_image", with_value(T2I, 5, "abc")), "seed")
+    refused(raw(server, "chat", [{"text": "What color is the triangle?", "files": []}, 8]), "attach one")
+    refused(raw(server, "keep_editing", ["make it red", STEPS, 3.0, 1.5, 1, "exact"]), "nothing to keep editing")
+    time.sleep(1)
+    assert "Traceback" not in server.log.read_text(errors="replace")[start:]
+
+
+def test_a_refused_message_keeps_the_chat(server, reference, shapes):
+    """A question without an image is refused; a bad upload leaves the earlier turns and images in place."""
+    c = new_client(server)
+    with pytest.raises(AppError, match="only answers questions about images: attach one"):
+        c.predict({"text": "What color is the triangle?", "files": []}, 8, api_name="/chat")
+    first = "What color is the triangle?"
+    c.predict({"text": first, "files": [handle_file(shapes["vqa"])]}, 8, api_name="/chat")
+    with pytest.raises(AppError, match=r"'broken\.png' is not a readable image"):
+        c.predict({"text": "And this one?", "files": [handle_file(shapes["broken"])]}, 8, api_name="/chat")
+    chat, _ = c.predict({"text": "How many objects are there?", "files": []}, 8, api_name="/chat")
+    assert user_texts(chat) == [first, "How many objects are there?"]  # the refused turn left no trace
+    want = reference.answer("How many objects are there?", [shapes["vqa"]], max_new_tokens=8,
+                            history=[(first, reference.answer(first, [shapes["vqa"]], max_new_tokens=8))])
+    assert last_answer(chat) == shown_answer(want)
+
+
+def test_an_edit_error_keeps_the_result_and_history_and_a_large_input_says_why_it_shrank(server, tmp_path):
+    c = new_client(server)
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(one_colour_png(4000, 3000))
+    result, history, note = c.predict(handle_file(photo), "make it red", STEPS, 3.0, 1.5, 1, "exact",
+                                      api_name="/edit")
+    assert Image.open(result).size == (64, 48)
+    assert note.startswith("Result 64x48: the 4000x3000 input was scaled down") and "4,096 pixels" in note
+    with pytest.raises(AppError, match="instruction is empty"):
+        c.predict("  ", STEPS, 3.0, 1.5, 1, "exact", api_name="/keep_editing")
+    _, history, _ = c.predict("add a red square", STEPS, 3.0, 1.5, 1, "exact", api_name="/keep_editing")
+    assert [x["caption"] for x in history] == ["original", "1. make it red", "2. add a red square"]
+
+
+def test_the_page_says_what_the_model_can_do(client):
+    texts = [c.get("props", {}).get("value") for c in client.config["components"]]
+    note = next(t for t in texts if isinstance(t, str) and "What this model can do" in t)
+    for figure in ("0.761", "0.822", "0.556", "0.306", "64x64", "chance"):
+        assert figure in note
+
+
+def test_uploads_and_examples_are_deleted_when_the_server_stops(tmp_path, monkeypatch):
+    """SIGTERM closes the server like Ctrl-C, and Gradio's shutdown deletes what the app cached."""
+    cache, temp = tmp_path / "gradio", tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    monkeypatch.setenv("TMPDIR", str(temp))
+    own = start_app()
+    try:
+        paths = [upload(own.url, f"u{k}.png", one_colour_png(64, 64))["path"] for k in range(3)]
+        assert all(Path(p).is_file() for p in paths)
+        assert any(temp.glob("ovis_u1_examples_*"))
+    finally:
+        own.stop()
+    assert own.proc.returncode is not None
+    assert not [p for p in paths if Path(p).exists()]
+    # Left: Gradio's copies of the example images, which it keeps by design (content-addressed, so the
+    # same files at every start rather than one more set per start).
+    examples = re.compile(r"(edit|vqa)_\w+\.png")
+    assert [f.name for f in cache.rglob("*") if f.is_file() and not examples.fullmatch(f.name)] == []
+    assert not any(temp.glob("ovis_u1_examples_*"))
+
+
 # ---- no server needed --------------------------------------------------------------------------------
-def test_size_presets_respect_the_model_bounds(reference):
+def test_size_presets_respect_the_model_bounds_and_say_their_true_shape(reference):
     g = reference.config.generation
-    presets = app.size_presets(g)
+    low, high = app.size_bounds(reference)
+    assert (low, high) == (g.min_side, 2 * g.height)  # a shapes-world model: up to twice what it drew
+    presets = app.size_presets(g, low, high)
     assert next(iter(presets.values())) == (g.height, g.width)
-    for h, w in presets.values():
+    assert {label.split(" ")[0].lstrip("≈") for label in presets} == {"1:1", "4:3", "3:4", "16:9", "9:16"}
+    for label, (h, w) in presets.items():
         assert h % g.size_multiple == 0 and w % g.size_multiple == 0
-        assert g.min_side <= min(h, w) and max(h, w) <= g.max_side
+        assert low <= min(h, w) and max(h, w) <= high
+        ratio, size = label.lstrip("≈").split(" · ")
+        a, b = map(int, ratio.split(":"))
+        assert size == f"{w}x{h}"
+        if label.startswith("≈"):
+            assert abs(math.log((w / h) / (a / b))) <= 0.05
+        else:
+            assert w * b == h * a
+    assert app.preset_for(presets, g.height, g.width) == next(iter(presets))
+    assert app.preset_for(presets, g.height + g.size_multiple, g.width) == app.CUSTOM_SIZE
+
+
+def test_the_published_models_bounds_follow_its_config():
+    from ovis_u1.config import PRESETS
+    published = types.SimpleNamespace(config=PRESETS["ovis-u1-3b"]())
+    assert app.prompt_token_limit(published) == 1024  # half its 2,048-token context
+    g = published.config.generation
+    assert app.size_bounds(published) == (g.min_side, g.max_side)
+    presets = app.size_presets(g, g.min_side, g.max_side)
+    assert len(presets) == 5 and next(iter(presets.values())) == (g.height, g.width)
+
+
+def test_checks_name_the_field_and_what_is_allowed(tiny_tokenizer):
+    assert app.check_number("seed", "12", 0, 100, whole=True) == 12
+    for value, needle in [("abc", "seed must be a number, got 'abc'"), (None, "got nothing"), (True, "number"),
+                          (math.nan, "finite"), (math.inf, "finite"), (1.5, "whole number"),
+                          (101, "between 0 and 100, got 101")]:
+        with pytest.raises(gr.Error, match=re.escape(needle)):
+            app.check_number("seed", value, 0, 100, whole=True)
+    assert app.check_text("prompt", "  a red circle ", tiny_tokenizer, 16) == "a red circle"
+    for value, needle in [(None, "prompt must be text, got nothing"), (3, "got int"), ("  ", "empty"),
+                          ("ok \ud800", "at position 3, which is not a valid Unicode character"),
+                          ("x" * 200, "200 characters long"),
+                          ("red " * 20, "tokens long; at most 16")]:
+        with pytest.raises(gr.Error, match=re.escape(needle)):
+            app.check_text("prompt", value, tiny_tokenizer, 16)
+    assert app.parse_size("10mb") == 10 * 2**20 and app.parse_size("512kb") == 512 * 1024
+    with pytest.raises(ValueError, match="--max-file-size"):
+        app.parse_size("ten")
+
+
+def test_images_are_refused_by_their_header_before_any_decoding(tmp_path):
+    # These files hold a header and no pixels: refusing them by size is the header check's work alone.
+    for side, needle in [(6000, "is 6000x6000 = 36,000,000 pixels"), (30000, "is too large")]:
+        path = tmp_path / f"h{side}.png"
+        path.write_bytes(png_header_only(side, side))
+        with pytest.raises(gr.Error, match=re.escape(f"image 'h{side}.png' {needle}")):
+            app.load_upload(str(path))
+    with pytest.raises(gr.Error, match="sent inline is not valid base64"):
+        app.data_url_bytes("data:image/png;base64,@@", 2**20)
+    with pytest.raises(gr.Error, match="over the 1 MB upload limit"):
+        app.data_url_bytes(data_url(os.urandom(2 * 2**20)), 2**20)
+
+
+def test_edit_note_says_the_result_size_and_why(reference):
+    big, small = Image.new("RGB", (4000, 3000)), Image.new("RGB", (64, 48))
+    assert app.edit_note(reference, big, small).startswith("Result 64x48: the 4000x3000 input was scaled down")
+    assert app.edit_note(reference, small, small) == "Result 64x48, the size of the input."
+    assert app.size_note(reference, 64, 64) == ""
+    assert "learned to draw at 64x64 only" in app.size_note(reference, 128, 128)
 
 
 def test_conversation_history_starts_at_the_last_upload_and_skips_unfinished_turns():

@@ -14,8 +14,11 @@ from PIL import Image
 
 from tests._app_server import CHROMIUM, CHROMIUM_ARGS, shared_app
 from tests.take_screenshots import (
+    BAD_QUESTION,
     EDIT_INSTRUCTION,
     QUESTION,
+    bad_upload_flow,
+    capability_flow,
     chat_flow,
     create_flow,
     edit_flow,
@@ -86,13 +89,20 @@ def test_one_chat_turn_in_the_browser(browser, url, files, tmp_path):
     check_screenshot(save_screenshot(page, tmp_path / "understand.png"))
 
 
-def test_a_bad_upload_shows_a_message_in_the_page(browser, url, tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
+def test_the_page_opens_with_what_the_model_can_do(browser, url, tmp_path):
     page = open_app(browser, url, "Understand")
-    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
-    page.locator("#chat-input textarea").fill("What is this?")
-    page.locator("#chat-input textarea").press("Enter")
-    page.get_by_test_id("toast-text").filter(has_text="'broken.png' is not a readable image").wait_for()
-    page.wait_for_timeout(1000)  # let the toast finish sliding in before the screenshot
-    check_screenshot(save_screenshot(page, tmp_path / "error.png"))
+    note = capability_flow(page)
+    for figure in ("0.761", "0.556", "0.306", "chance", "64x64"):
+        assert figure in note
+    check_screenshot(save_screenshot(page, tmp_path / "capabilities.png", full_page=False))
+
+
+def test_a_bad_upload_shows_a_message_and_keeps_the_chat(browser, url, files, tmp_path):
+    page = open_app(browser, url, "Understand")
+    bad_upload_flow(page, files, files["broken"])
+    # The earlier turn is still on screen, and the refused question and its attachment are still in the box.
+    assert QUESTION in page.locator("#chat").inner_text()
+    assert page.locator("#chat [data-testid=bot]").count() == 1
+    assert page.locator("#chat-input textarea").input_value() == BAD_QUESTION
+    assert page.locator("#chat-input img").count() == 1  # the attachment's thumbnail
+    check_screenshot(save_screenshot(page, tmp_path / "error_kept_chat.png"))

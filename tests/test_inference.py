@@ -530,3 +530,25 @@ L = 16  # the tiny VAE halves each side: 32 px -> 16 latent rows and columns
 def test_bad_noise_arguments_are_refused(tiny_model, bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_model.text_to_image("a circle", **FAST, **bad)
+
+
+def test_no_repeat_ngram_size_bans_repeated_runs_with_and_without_the_cache(make_tiny, two_images):
+    """generation.no_repeat_ngram_size (the shipped model's 4 stops its loops on out-of-world images):
+    no run of that many answer tokens appears twice, in generate and in the cache-free loop alike."""
+    import itertools
+
+    from ovis_u1.llm import generate_without_cache
+    model = make_tiny(0)
+    embeds = torch.randn(1, 6, model.config.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    kw = dict(inputs_embeds=embeds, attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=24,
+              min_new_tokens=24, eos_token_id=0, pad_token_id=0)
+    free = model.llm.generate(**kw, do_sample=False)[0].tolist()
+    assert len(set(itertools.pairwise(free))) < len(free) - 1  # the random LM loops without the ban
+    banned = model.llm.generate(**kw, do_sample=False, no_repeat_ngram_size=2)[0].tolist()
+    assert banned == generate_without_cache(model.llm, **kw, no_repeat_ngram_size=2)[0].tolist()
+    assert len(set(itertools.pairwise(banned))) == len(banned) - 1
+    # Through answer(): the config's value is used, on both paths.
+    model.config.generation.no_repeat_ngram_size = 2
+    q, a = "Describe the scene.", two_images[0]
+    assert model.answer(q, images=a, max_new_tokens=16) == model.answer(q, images=a, max_new_tokens=16,
+                                                                        use_cache=False)
