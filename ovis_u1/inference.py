@@ -528,7 +528,12 @@ def answer(model, question, images=None, max_new_tokens: int | None = None, stre
                   max_new_tokens=max_new, do_sample=do_sample, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                   use_cache=use_cache)
     if model.config.generation.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = model.config.generation.no_repeat_ngram_size
+        n = model.config.generation.no_repeat_ngram_size
+        if use_cache:  # as a processor: generate's own option warns that it sees only the new tokens (so do we)
+            from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+            kwargs["logits_processor"] = LogitsProcessorList([NoRepeatNGramLogitsProcessor(n)])
+        else:
+            kwargs["no_repeat_ngram_size"] = n
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if do_sample:
