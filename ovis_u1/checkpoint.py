@@ -456,7 +456,7 @@ def load_pretrained(cls, path=None, device="cpu", dtype=None):
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if path == DEFAULT_MODEL_DIR and not path.exists():
         raise CheckpointError(f"the shipped default model is missing at {path}; train it with "
-                              "`python -m train.default_model` or pass a checkpoint directory")
+                              "`python -m train --recipe default` or pass a checkpoint directory")
     path = _interrupted_swap(path)
     config, layout = _read_config(path)
     files = _weight_files(path, layout)

@@ -185,7 +185,7 @@ def _share(hits: list[bool]) -> dict:
     return figure(sum(hits), len(hits))
 
 
-def _vqa_report(model, world: ShapesWorld, n: int, batch_size: int, kinds_order: tuple[str, ...],
+def vqa_report(model, world: ShapesWorld, n: int, batch_size: int, kinds_order: tuple[str, ...],
                 history_p: float) -> dict:
     """Exact-match accuracy on n held-out questions, kinds cycled, each after its earlier turns (if any)."""
     preds, answers, kinds = [], [], []
@@ -218,9 +218,9 @@ def evaluate_model(model, n: int = 60, seed: int = 0, size: int = 64, batch_size
             images += list(model.text_to_image(chunk, seed=seed + start, progress=False, **sampling))
         report["geneval"] = score_geneval(images, [s for _, s in prompts])
     if "vqa" in tasks:
-        report["vqa"] = _vqa_report(model, world, n, batch_size, VQA_KINDS, history_p=0.0)
+        report["vqa"] = vqa_report(model, world, n, batch_size, VQA_KINDS, history_p=0.0)
     if "followup" in tasks:
-        report["followup"] = _vqa_report(model, world, n, batch_size,
+        report["followup"] = vqa_report(model, world, n, batch_size,
                                          tuple(k for k in VQA_KINDS if k != "compare"), history_p=1.0)
     if "edit" in tasks:
         hits, kept, effect, kinds = [], [], [], []

@@ -344,7 +344,7 @@ def _color_question(shape: str) -> str:
     return f"What color is the {shape}?"
 
 
-def _shape_question(color: str) -> str:
+def shape_question(color: str) -> str:
     return f"What shape is the {color} object?"
 
 
@@ -364,7 +364,7 @@ def _vqa_shape(rng, size):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLOR_NAMES)
     others = _random_pairs(rng, int(rng.integers(0, MAX_OBJECTS)),
                            colors=[c for c in COLOR_NAMES if c != color])
-    return [_scene(rng, size, [(shape, color), *others])], _shape_question(color), shape
+    return [_scene(rng, size, [(shape, color), *others])], shape_question(color), shape
 
 
 def _counted(rng, size, k, by: str, value: str | None) -> Scene:
@@ -471,7 +471,7 @@ def scene_question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
         obj = _pick(rng, by_shape)
         return _color_question(obj.shape), obj.color
     obj = _pick(rng, by_color)
-    return _shape_question(obj.color), obj.shape
+    return shape_question(obj.color), obj.shape
 
 
 def sample_vqa(rng: np.random.Generator, kind: str | None = None,

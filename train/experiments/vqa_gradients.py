@@ -41,7 +41,7 @@ import ovis_u1.model as model_module
 from ovis_u1.llm import VISUAL_ATOM_ID
 from ovis_u1.processing import image_patches
 from ovis_u1.shapes import SHAPES, ShapesWorld, VQASample, random_scene
-from ovis_u1.shapes.world import _shape_question  # the world's own template, so the wording matches training
+from ovis_u1.shapes.world import shape_question  # the world's own template, so the wording matches training
 from train import losses
 from train.config import DataArgs, resolve
 from train.data import TaskData
@@ -161,7 +161,7 @@ def paired(model, head, n: int, seed: int) -> dict:
             scene = random_scene(rng, 64, n=1)
             obj, image = scene.objects[0], scene.render()
             model.zero_grad(set_to_none=True)
-            losses.vqa_loss(model, [VQASample([image], _shape_question(obj.color), obj.shape)]).backward()
+            losses.vqa_loss(model, [VQASample([image], shape_question(obj.color), obj.shape)]).backward()
             answer.append(grads_by_group(model)["vit"])
             embeds.append(saved["embeds"].grad[saved["atoms"]].flatten().clone())
             p, grid = image_patches(image, cfg)

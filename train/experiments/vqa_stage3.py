@@ -54,7 +54,7 @@ import torch
 
 from ovis_u1.model import OvisU1
 from ovis_u1.shapes import ShapesWorld
-from ovis_u1.shapes.evaluate import _vqa_report, evaluate_model
+from ovis_u1.shapes.evaluate import evaluate_model, vqa_report
 from ovis_u1.vision import VisualTokenizer
 from train import losses
 from train.config import DataArgs, resolve
@@ -301,7 +301,7 @@ def main() -> None:
     report = evaluate_model(model, n=int(env("EVAL", 120)), tasks=("vqa",))["vqa"]
     if os.environ.get("KIND") == "side" or env("SIDE_FRAC", 0.0):  # outside VQA_KINDS: scored on its own
         held_out = ShapesWorld(64, 0, split="heldout")
-        report.update(side=_vqa_report(model, held_out, 40, 8, ("side",), 0.0)["side"])
+        report.update(side=vqa_report(model, held_out, 40, 8, ("side",), 0.0)["side"])
     print(json.dumps({"variant": variant, "steps": steps, "batch": batch_size, "loss": ema,
                       "vqa": report["overall"]["value"],
                       "kinds": {k: round(v["value"], 2) for k, v in report.items() if k != "overall"}}), flush=True)
