@@ -1,6 +1,6 @@
 """Training stages as data: which components train, on which tasks, for how many steps at which batch
 size and learning rate. `PAPER_STAGES` is the paper's recipe table (the Ovis-U1 report, arXiv 2506.23044);
-the two `prep_*` stages stand in for the pretrained models the paper starts from (a frozen VAE and a
+the `prep_*` stages stand in for the pretrained models the paper starts from (a frozen VAE and a
 language model). Components are the names of `OvisU1.components()`.
 """
 
