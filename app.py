@@ -41,8 +41,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ovis_u1 import refiner_insight as insight
 from ovis_u1.checkpoint import CheckpointError
+from ovis_u1.images import load_image
 from ovis_u1.model import OvisU1
-from ovis_u1.processing import load_image
 from ovis_u1.shapes import ShapesWorld
 
 log = logging.getLogger("ovis_u1.app")

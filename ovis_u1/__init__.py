@@ -4,13 +4,19 @@
 `ovis_u1.shapes`) does not pull in transformers and diffusers.
 """
 
-__all__ = ["OvisU1", "OvisU1Config", "get_preset"]
+__all__ = ["ChatSession", "EditSession", "OvisU1", "OvisU1Config", "get_preset"]
 
 
 def __getattr__(name):
     if name == "OvisU1":
         from .model import OvisU1
         return OvisU1
+    if name == "ChatSession":
+        from .chat import ChatSession
+        return ChatSession
+    if name == "EditSession":
+        from .generation import EditSession
+        return EditSession
     if name in ("OvisU1Config", "get_preset"):
         from . import config
         return getattr(config, name)

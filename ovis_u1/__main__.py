@@ -24,9 +24,9 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import PRESETS
-from .inference import MAX_IMAGES_PER_CALL as MAX_IMAGES
-from .inference import MODES
-from .processing import ImageInputError, load_image
+from .generation import MAX_IMAGES_PER_CALL as MAX_IMAGES
+from .generation import MODES
+from .images import ImageInputError, load_image
 
 EXIT_BAD_INPUT = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,7 +198,7 @@ def run(args) -> None:
             raise UsageError("answer needs --question (repeat it for a conversation) or --chat")
         images = [read_image(p) for p in args.image]
         model = load_model(args)
-        from .inference import ChatSession
+        from .chat import ChatSession
         chat = ChatSession(model, images, max_new_tokens=args.max_new_tokens)
         for question in _questions(args):
             reply = chat.ask(question, stream=args.stream)

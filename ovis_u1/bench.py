@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import inference
+from . import generation
 from .model import OvisU1
 
 MODES = ("plain", "exact", "fast")
@@ -208,12 +208,12 @@ def mode_steps(model: OvisU1, steps: int | None) -> dict[str, int]:
 # ---- one generation call, staged as text_to_image / edit run it ----------------------------------------
 def _t2i_request(model, prompts, size):
     g = model.config.generation
-    return inference.t2i_request(model, list(prompts), size, size, g.guidance_scale, 42, 1)
+    return generation.t2i_request(model, list(prompts), size, size, g.guidance_scale, 42, 1)
 
 
 def _edit_request(model, prompts, image):
     g = model.config.generation
-    return inference.edit_request(model, image, list(prompts), g.edit_guidance_scale, g.image_guidance_scale,
+    return generation.edit_request(model, image, list(prompts), g.edit_guidance_scale, g.image_guidance_scale,
                                   42, 1)
 
 
@@ -228,10 +228,10 @@ def timed_call(model, make_request: Callable, mode: str, steps: int, counter: Co
         req = make_request()
         _sync(dev)
         t1 = clock()
-        tokens = inference.sample(model, req, steps, mode=mode, progress=False)
+        tokens = generation.sample(model, req, steps, mode=mode, progress=False)
         _sync(dev)
         t2 = clock()
-        inference.decode_latents(model, tokens, req.latent_hw)
+        generation.decode_latents(model, tokens, req.latent_hw)
         _sync(dev)
         t3 = clock()
         wall = time.perf_counter() - wall

@@ -17,9 +17,7 @@ from torch import Tensor
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from .config import LLMConfig
-
-VISUAL_ATOM_ID = -300
-INDICATOR_IDS = (-301, -302, -303, -304)
+from .prompts import INDICATOR_IDS, VISUAL_ATOM_ID
 
 
 def build_llm(cfg: LLMConfig) -> Qwen3ForCausalLM:

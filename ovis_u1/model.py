@@ -6,8 +6,8 @@ The components are attributes named after the published checkpoint where they ca
 `vae` is `visual_generator.vae`); `checkpoint.py` holds the one table that maps between the two.
 
 The methods here are tensor-level building blocks; prompts, images, guidance and sampling live in
-`processing.py`, `sampling.py` and `inference.py`, which the user-facing `answer`/`text_to_image`/`edit`
-methods delegate to.
+`images.py`, `prompts.py`, `sampling.py`, `generation.py` and `chat.py`, which the user-facing
+`answer`/`text_to_image`/`edit` methods delegate to.
 """
 
 from __future__ import annotations
@@ -122,15 +122,15 @@ class OvisU1(nn.Module):
         embeds = self.embed(input_ids, patches, grid_thws)
         return condition_hidden_states(self.llm, embeds, attention_mask.to(self.device))
 
-    # ---- the user-facing API (see inference.py) -----------------------------------------------------
+    # ---- the user-facing API (generation.py, chat.py) -----------------------------------------------------
     def answer(self, question, images=None, **kwargs):
-        from .inference import answer
+        from .chat import answer
         return answer(self, question, images=images, **kwargs)
 
     def text_to_image(self, prompt, **kwargs):
-        from .inference import text_to_image
+        from .generation import text_to_image
         return text_to_image(self, prompt, **kwargs)
 
     def edit(self, image, instruction, **kwargs):
-        from .inference import edit
+        from .generation import edit
         return edit(self, image, instruction, **kwargs)

@@ -33,26 +33,19 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from .decoder import latent_ids
-from .inference import (
+from .generation import (
+    GenerationArgs,
     check_prompts,
-    check_scale,
-    check_steps,
     decode_latents,
     decoder_inputs,
     initial_noise,
-    resolve_size,
+    requested_size,
     sample,
     t2i_request,
     vit_factor,
 )
-from .processing import (
-    IMAGE_PLACEHOLDER,
-    INDICATOR_IDS,
-    VISUAL_ATOM_ID,
-    blank_image,
-    prepare_inputs,
-    t2i_prompts,
-)
+from .images import blank_image
+from .prompts import IMAGE_PLACEHOLDER, INDICATOR_IDS, VISUAL_ATOM_ID, prepare_inputs, t2i_prompts
 from .sampling import get_schedule
 
 GATE_KINDS = ("attention", "mlp")  # order of each refiner block's (gate_msa, gate_mlp)
@@ -158,8 +151,7 @@ def refiner_report(model, prompt: str, height: int | None = None, width: int | N
     """Run `prompt`'s LLM condition (built as text_to_image builds it) through the refiner; record it all."""
     (prompt,) = check_prompts(prompt)
     g = model.config.generation
-    height, width = resolve_size(model, height, width)
-    blank = blank_image(height, width, g.blank_image_max_pixels, vit_factor(model))
+    blank = blank_image(*requested_size(model, height, width), g.blank_image_max_pixels, vit_factor(model))
     batch = prepare_inputs(model.tokenizer, [t2i_prompts(prompt, g.t2i_prefix)[0]], [[blank]], model.config,
                            pad_side="right", max_length=g.multimodal_max_length)
     cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)
@@ -197,18 +189,18 @@ def word_attention_map(model, prompt: str, word_index: int | Sequence[int] | Wor
     the middle step), averaged over the double-stream blocks or taken from one (`block`). Single-stream
     blocks are not recorded. Higher = the image token reads more from the word.
     """
-    (prompt,) = check_prompts(prompt)
-    g = model.config.generation
-    steps = check_steps(g.num_inference_steps if num_inference_steps is None else num_inference_steps)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be one string, got {type(prompt).__name__}")
+    args = GenerationArgs.check(model, prompt, num_inference_steps, guidance_scale, 1, "exact", "pil", seed, None,
+                                None, height=height, width=width)  # what text_to_image would be given
+    g, steps = model.config.generation, args.steps
     step = (steps + 1) // 2 if step is None else step
     if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= steps:
         raise ValueError(f"step must be an integer in [1, num_inference_steps={steps}], got {step!r}")
     n_blocks = len(model.decoder.double_blocks)
     if block is not None and not 0 <= block < n_blocks:
         raise ValueError(f"block must be in [0, {n_blocks}) (the double-stream blocks), got {block!r}")
-    scale = check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
-    height, width = resolve_size(model, height, width)
-    req = t2i_request(model, [prompt], height, width, scale, int(seed), 1)
+    req = t2i_request(model, args.prompts, *args.size, args.guidance_scale, args.seed, 1, blank_size=args.asked)
 
     seen = {0: initial_noise(model, req.seeds, req.latent_hw)}
 

@@ -3,7 +3,7 @@
 The released checkpoint ships Qwen3's tokenizer files; `load_tokenizer` reads those as well. The tiny
 tokenizer mirrors the parts of Qwen3's that the prompts rely on: byte-level BPE (every string encodes),
 `<|endoftext|>` as pad, `<|im_end|>` as eos, and chat/think markers that are never split. `<image>` is
-deliberately not a token: `processing.tokenize_prompt` maps placeholders to reserved ids itself.
+deliberately not a token: `prompts.tokenize_prompt` maps placeholders to reserved ids itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import PUBLISHED_T2I_PREFIX
-from .processing import UNCOND_TEXT
+from .prompts import UNCOND_TEXT
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"

@@ -16,8 +16,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import AdapterConfig, VisionConfig
+from .images import merge_group_order
 from .layers import sdpa
-from .processing import merge_group_order
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from PIL import Image
 
 import app
 from ovis_u1.checkpoint import CheckpointError
-from ovis_u1.inference import edit_size
+from ovis_u1.generation import edit_size
 from ovis_u1.shapes import ShapesWorld
 from tests._app_server import REPO, shared_app, start_app
 from tests.web_battery import data_url, one_colour_png, png_header_only, raw_call, upload

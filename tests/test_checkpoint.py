@@ -25,8 +25,9 @@ IMAGE = random_image(40, 72, seed=11)
 @torch.no_grad()
 def probe(model: OvisU1) -> dict[str, torch.Tensor | str]:
     """Outputs of every component on fixed inputs, plus the user-facing tasks."""
-    from ovis_u1.inference import encode_conditions
-    from ovis_u1.processing import generation_prompt, preprocess_image
+    from ovis_u1.generation import encode_conditions
+    from ovis_u1.images import preprocess_image
+    from ovis_u1.prompts import generation_prompt
 
     g = torch.Generator().manual_seed(0)
     cond, mask = encode_conditions(model, [generation_prompt("a red circle")], [IMAGE])

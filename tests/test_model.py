@@ -20,9 +20,9 @@ from conftest import perturb, random_image
 
 from ovis_u1.config import get_preset
 from ovis_u1.decoder import latent_ids, pack_latents
-from ovis_u1.llm import INDICATOR_IDS, VISUAL_ATOM_ID
+from ovis_u1.images import preprocess_image
 from ovis_u1.model import OvisU1
-from ovis_u1.processing import preprocess_image
+from ovis_u1.prompts import INDICATOR_IDS, VISUAL_ATOM_ID
 from ovis_u1.vision import VisualTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,7 +345,8 @@ def test_import_has_no_side_effects(tmp_path):
             raise RuntimeError("network access during import")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        import ovis_u1, ovis_u1.model, ovis_u1.inference, ovis_u1.checkpoint, ovis_u1.processing
+        import ovis_u1, ovis_u1.model, ovis_u1.generation, ovis_u1.chat, ovis_u1.checkpoint
+        import ovis_u1.images, ovis_u1.prompts
         import ovis_u1.tokenizer, ovis_u1.sampling, ovis_u1.vision, ovis_u1.llm, ovis_u1.vae
         print(ovis_u1.__file__)
     """)

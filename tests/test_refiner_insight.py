@@ -57,8 +57,9 @@ def test_words_group_sub_word_pieces(tiny_model):
 
 def test_movement_and_gates_are_the_refiners_own(tiny_model, report):
     """Recompute from the refiner's output directly (the report must not re-derive the maths its own way)."""
-    from ovis_u1.inference import encode_conditions, vit_factor
-    from ovis_u1.processing import blank_image, t2i_prompts
+    from ovis_u1.generation import encode_conditions, vit_factor
+    from ovis_u1.images import blank_image
+    from ovis_u1.prompts import t2i_prompts
     g = tiny_model.config.generation
     cond, mask = encode_conditions(tiny_model, [t2i_prompts(PROMPT)[0]],
                                    [blank_image(g.height, g.width, g.blank_image_max_pixels, vit_factor(tiny_model))])

@@ -311,8 +311,9 @@ def test_sample_prediction_trains_on_the_clean_latent_error(tiny_model_fresh, mo
     """decoder.prediction="sample": the flow loss is the x0 error of the final layer's raw output, also for
     t below the decoder's min_t (where it divides by min_t, not t)."""
     from ovis_u1.decoder import latent_ids
-    from ovis_u1.inference import encode_conditions, refine, vit_factor
-    from ovis_u1.processing import blank_image, t2i_prompts
+    from ovis_u1.generation import encode_conditions, refine, vit_factor
+    from ovis_u1.images import blank_image
+    from ovis_u1.prompts import t2i_prompts
     from train import losses
     from train.losses import flow_loss
 

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from ovis_u1.processing import t2i_prompts, understanding_prompt
+from ovis_u1.prompts import t2i_prompts, understanding_prompt
 from ovis_u1.shapes.jsonl import UnusableRecord, materialise, scan_jsonl
 from ovis_u1.shapes.world import ShapesWorld, T2ISample, world_text_corpus
 

@@ -1,6 +1,6 @@
 """One loss per task, each a function of (model, list of samples): the trainer only sums them.
 
-- understanding: next-token cross-entropy on the answer tokens (processing.understanding_example masks
+- understanding: next-token cross-entropy on the answer tokens (prompts.understanding_example masks
   the role header, the empty think block and the newline after <|im_end|>);
 - text-to-image and editing: rectified-flow velocity MSE, with condition dropout so guidance works;
 - the preparation tasks: VAE reconstruction, language-model pretraining on world text, and naming each
@@ -16,17 +16,14 @@ from PIL import Image
 from torch import Tensor
 
 from ovis_u1.decoder import latent_ids, pack_latents
-from ovis_u1.inference import encode_conditions, refine, vit_factor
-from ovis_u1.processing import (
+from ovis_u1.generation import encode_conditions, refine, vit_factor
+from ovis_u1.images import blank_image, generation_image, image_patches, num_visual_tokens
+from ovis_u1.prompts import (
     IGNORE_ID,
     UNCOND_TEXT,
-    blank_image,
     edit_prompt,
     expand_example,
-    generation_image,
     generation_prompt,
-    image_patches,
-    num_visual_tokens,
     pad_batch,
     t2i_prompts,
     tokenize_prompt,

@@ -24,8 +24,8 @@ import copy
 
 import torch
 
-from ovis_u1.llm import INDICATOR_IDS
 from ovis_u1.model import OvisU1
+from ovis_u1.prompts import INDICATOR_IDS
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def swap_condition_halves(model: OvisU1) -> None:
 @torch.no_grad()
 def word_usage(model: OvisU1, images) -> torch.Tensor:
     """[V - indicators] largest probability each visual word gets over the images' visual tokens."""
-    from ovis_u1.processing import image_patches
+    from ovis_u1.images import image_patches
     usage = None
     for im in images:
         patches, grid = image_patches(im, model.config)

@@ -55,8 +55,9 @@ torch.set_grad_enabled(False)
 
 from ovis_u1 import OvisU1  # noqa: E402
 from ovis_u1 import checkpoint as ckpt  # noqa: E402
-from ovis_u1 import inference as inf  # noqa: E402
-from ovis_u1 import processing as proc  # noqa: E402
+from ovis_u1 import generation as inf  # noqa: E402
+from ovis_u1 import images as IM  # noqa: E402
+from ovis_u1 import prompts as PR  # noqa: E402
 from ovis_u1.config import get_preset  # noqa: E402
 from ovis_u1.decoder import pack_latents, unpack_latents  # noqa: E402
 from ovis_u1.sampling import draw_noise, edit_guidance, get_schedule, t2i_guidance  # noqa: E402
@@ -263,7 +264,7 @@ def check_checkpoint(g: Golden, proj) -> None:
 # Pure data: prompts, sizes, schedules, noise
 # ------------------------------------------------------------------------------------------------------------
 def project_ids(proj, text: str, images) -> tuple[list[int], list]:
-    batch = proc.prepare_inputs(proj.tokenizer, [text], [images], proj.config, pad_side="right")
+    batch = PR.prepare_inputs(proj.tokenizer, [text], [images], proj.config, pad_side="right")
     return batch.input_ids[0].tolist(), [list(gr) for gr in batch.grid_thws]
 
 
@@ -274,24 +275,24 @@ def check_prompts(g: Golden, proj) -> None:
         with case(f"prompt {p['name']}", NOTE):
             if p["kind"] == "t2i":
                 h, w = p["height"], p["width"]
-                cond, uncond = proc.t2i_prompts(p.get("user_prompt", "x"), gc.t2i_prefix)
+                cond, uncond = PR.t2i_prompts(p.get("user_prompt", "x"), gc.t2i_prefix)
                 text = cond if "user_prompt" in p else uncond
-                images = [proc.blank_image(h, w, gc.blank_image_max_pixels, fac)]
+                images = [IM.blank_image(h, w, gc.blank_image_max_pixels, fac)]
             elif p["kind"] == "edit":
                 src = g.image(p["input_image"])
                 eh, ew = inf.edit_size(proj, src)
                 resized = src.resize((ew, eh), Image.Resampling.BICUBIC)
-                seen = proc.generation_image(resized, gc.edit_image_max_pixels, fac)
+                seen = IM.generation_image(resized, gc.edit_image_max_pixels, fac)
                 if p["name"] == "edit_cond":
-                    text, images = proc.edit_prompt(p["user_instruction"]), [seen]
+                    text, images = PR.edit_prompt(p["user_instruction"]), [seen]
                 elif p["name"] == "edit_no_txt":
-                    text, images = proc.generation_prompt(proc.UNCOND_TEXT), [seen]
+                    text, images = PR.generation_prompt(PR.UNCOND_TEXT), [seen]
                 else:
-                    text, images = (proc.generation_prompt(proc.UNCOND_TEXT),
-                                    [proc.blank_image(eh, ew, gc.blank_image_max_pixels, fac)])
+                    text, images = (PR.generation_prompt(PR.UNCOND_TEXT),
+                                    [IM.blank_image(eh, ew, gc.blank_image_max_pixels, fac)])
             else:
                 images = [g.image(n) for n in p["images"]]
-                text = proc.understanding_prompt(p["question"], len(images), history=[tuple(t) for t in p["history"]])
+                text = PR.understanding_prompt(p["question"], len(images), history=[tuple(t) for t in p["history"]])
             same("prompt text", text, p["text"])
             ids, grids = project_ids(proj, text, images)
             same("grid_thw of each image", grids, p["grid_thws"])
@@ -311,8 +312,8 @@ def check_sizes(g: Golden) -> None:
     with case("sizes t2i (release bounds, pure functions)"):
         bad_vit, bad_lat, first_vit, first_lat = 0, 0, "", ""
         for r in s["t2i"]:
-            b = proc.blank_image(r["height"], r["width"], gc.blank_image_max_pixels, fac)
-            vit = list(proc.smart_resize(b.height, b.width, fac, a.min_pixels, a.max_pixels))
+            b = IM.blank_image(r["height"], r["width"], gc.blank_image_max_pixels, fac)
+            vit = list(IM.smart_resize(b.height, b.width, fac, a.min_pixels, a.max_pixels))
             if vit != r["vit_input_size"]:
                 bad_vit += 1
                 first_vit = first_vit or (f" (first: {r['height']}x{r['width']} -> ours {vit} vs golden "
@@ -346,8 +347,8 @@ def check_sizes(g: Golden) -> None:
                                           f"{r['edit_size']})")
             # what the project's edit request sends the ViT: the input resized to the edit size, then capped
             eh, ew = r["edit_size"]
-            vh, vw = proc.generation_image_size(eh, ew, gc.edit_image_max_pixels, fac)
-            vit = list(proc.smart_resize(vh, vw, fac, a.min_pixels, a.max_pixels))
+            vh, vw = IM.generation_image_size(eh, ew, gc.edit_image_max_pixels, fac)
+            vit = list(IM.smart_resize(vh, vw, fac, a.min_pixels, a.max_pixels))
             if vit != r["vit_input_size"]:
                 bad_vit += 1
                 first_vit = first_vit or (f" (first: {r['input_height']}x{r['input_width']} -> ours {vit} vs golden "
@@ -416,7 +417,7 @@ def check_visual_tokens(g: Golden, proj) -> None:
         with case(f"vit {name}", NOTE):
             if name in ("sq64", "wide", "tall", "flat"):
                 pv = g.t[f"vit/{name}/pixel_values"]
-                ours, grid = proc.image_patches(g.image(name), proj.config)
+                ours, grid = IM.image_patches(g.image(name), proj.config)
                 same("grid_thw (preprocessing)", list(grid), r["grid_thw"])
                 close("pixel patches (preprocessing)", ours.reshape(ours.shape[0], -1), pv)
                 grids = grids_of(g.t[f"vit/{name}/grid_thw"])
@@ -476,7 +477,7 @@ def check_embeds(g: Golden, proj) -> None:
 def branch_inputs(g: Golden, proj, k: str, branch: str):
     ids = g.t[f"{k}/{branch}_input_ids_expanded"]
     img = Image.fromarray(g.t[f"{k}/{branch}_vit_image"].numpy())
-    pat, grid = proc.image_patches(img, proj.config)
+    pat, grid = IM.image_patches(img, proj.config)
     return ids, torch.ones_like(ids), [pat], [grid], grids_of(g.t[f"{k}/{branch}_grid_thw"])
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from ovis_u1 import OvisU1
-from ovis_u1.inference import pixels_to_images
+from ovis_u1.generation import pixels_to_images
 from ovis_u1.shapes import ShapesWorld
 from ovis_u1.shapes.evaluate import scenes_match
 from ovis_u1.shapes.reader import read_scene

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 import ovis_u1.model as model_module
-from ovis_u1.llm import VISUAL_ATOM_ID
-from ovis_u1.processing import image_patches
+from ovis_u1.images import image_patches
+from ovis_u1.prompts import VISUAL_ATOM_ID
 from ovis_u1.shapes import SHAPES, ShapesWorld, VQASample, random_scene
 from ovis_u1.shapes.world import shape_question  # the world's own template, so the wording matches training
 from train import losses

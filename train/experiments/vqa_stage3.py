@@ -131,7 +131,7 @@ def cell_targets(rgb, n: int, vocab: int, layout: str = "grid") -> torch.Tensor:
 
 def oracle_tokens(tokenizer: VisualTokenizer, layout: str) -> None:
     """Replace the visual tokens by exact scene labels (see ORACLE above); the VTE rows still train."""
-    from ovis_u1.processing import patches_to_image
+    from ovis_u1.images import patches_to_image
 
     adapter = tokenizer.adapter_cfg
 
@@ -189,7 +189,7 @@ def label_accuracy(model, n: int = 64) -> float:
     """Share of held-out grid tokens whose most likely words are exactly their label's (1 or 2) words."""
     import numpy as np
 
-    from ovis_u1.processing import image_patches
+    from ovis_u1.images import image_patches
     from ovis_u1.shapes.world import ShapesWorld
     world, cfg, hits, total = ShapesWorld(64, 0, "heldout"), model.config, 0, 0
     for i in range(n):

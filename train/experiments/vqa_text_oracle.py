@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ovis_u1.processing import pad_batch, understanding_example
+from ovis_u1.prompts import pad_batch, understanding_example
 from ovis_u1.shapes.world import ShapesWorld, describe
 from train.config import resolve
 from train.losses import IGNORE_ID

@@ -12,8 +12,8 @@ import torch
 from conftest import png_bytes, random_image
 from PIL import Image, ImageOps
 
-from ovis_u1.inference import EditSession, ImageInputError
-from ovis_u1.processing import smart_resize
+from ovis_u1.generation import EditSession, ImageInputError
+from ovis_u1.images import smart_resize
 
 SIDE = 32  # 32 x 32 images -> 16 x 16 latents -> 64 decoder tokens in tiny
 FAST = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "progress": False, "output_type": "latent"}
@@ -314,12 +314,12 @@ def test_answer_streaming_strips_like_answer(tiny_model, monkeypatch):
 
 
 def test_answer_continues_a_conversation(tiny_model, two_images, monkeypatch):
-    import ovis_u1.inference as inference
-    from ovis_u1.processing import understanding_prompt
+    import ovis_u1.chat as chat
+    from ovis_u1.prompts import understanding_prompt
     a, b = two_images
     seen = []
-    real = inference.prepare_inputs
-    monkeypatch.setattr(inference, "prepare_inputs", lambda tok, texts, *rest, **kw: (
+    real = chat.prepare_inputs
+    monkeypatch.setattr(chat, "prepare_inputs", lambda tok, texts, *rest, **kw: (
         seen.append(list(texts)), real(tok, texts, *rest, **kw))[1])
     history = [("What is in the image?", "a red circle"), ("And its size?", "small")]
     reply = tiny_model.answer("How many?", images=a, history=history)
@@ -334,7 +334,7 @@ def test_answer_continues_a_conversation(tiny_model, two_images, monkeypatch):
 
 
 def test_chat_session_keeps_the_turns(tiny_model, two_images):
-    from ovis_u1.inference import ChatSession
+    from ovis_u1.chat import ChatSession
     a, b = two_images
     chat = ChatSession(tiny_model, [a, b], max_new_tokens=8)
     first = chat.ask("Which is brighter?")
@@ -463,7 +463,7 @@ def test_exif_rotation_applied(tiny_model):
 
 # ---------------------------------------------------------------- initial noise: latents=, generator=, seed=
 def test_given_latents_give_the_same_result_through_every_entry_point(tiny_model, photo):
-    from ovis_u1 import inference as inf
+    from ovis_u1 import generation as inf
     c, f = tiny_model.config.vae.latent_channels, tiny_model.vae.downsample
     lat = torch.randn(2, c, SIDE // f, SIDE // f, generator=torch.Generator().manual_seed(3))
     keep = lat.clone()

@@ -1,6 +1,7 @@
-"""Understanding, text-to-image and editing on top of the model's tensor-level building blocks.
+"""Text-to-image and editing on top of the model's tensor-level building blocks.
 
-Three sampling modes share one code path:
+`text_to_image` and `edit` read top to bottom: check the arguments, build each guidance branch's LLM
+condition, run the refiner once, denoise, decode. Three sampling modes share that path:
 - "exact" (default): the published recipe with no wasted work: the LLM condition and the refiner run
   once per request (the refiner has no timestep input), the unconditional condition is computed once and
   shared by every prompt, every prompt of a call shares each decoder forward, and guidance branches share
@@ -13,11 +14,9 @@ Three sampling modes share one code path:
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -25,20 +24,8 @@ from PIL import Image
 from torch import Tensor
 
 from .decoder import latent_ids, pack_latents, unpack_latents
-from .llm import generate_without_cache
-from .processing import (
-    UNCOND_TEXT,
-    ImageInputError,
-    blank_image,
-    edit_prompt,
-    generation_image,
-    generation_prompt,
-    load_image,
-    prepare_inputs,
-    smart_resize,
-    t2i_prompts,
-    understanding_prompt,
-)
+from .images import ImageInputError, blank_image, generation_image, load_image, smart_resize
+from .prompts import UNCOND_TEXT, edit_prompt, generation_prompt, prepare_inputs, require_tokenizer, t2i_prompts
 from .sampling import (
     DecoderInputs,
     FirstBlockCache,
@@ -92,13 +79,6 @@ def check_output_type(output_type: str) -> str:
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type {output_type!r}; choose 'pil' or 'latent'")
     return output_type
-
-
-def _tokenizer(model):
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer (its checkpoint folder has no tokenizer files); "
-                         "set model.tokenizer before answering or generating")
-    return model.tokenizer
 
 
 def check_count(n) -> int:
@@ -169,7 +149,7 @@ def check_seed(seed, generator) -> int | None:
 # ---- conditions --------------------------------------------------------------------------------------
 def encode_conditions(model, texts: Sequence[str], images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
     """Generation prompts (one image each) -> LLM condition [B, L, 2D] and its mask [B, L] (right padded)."""
-    batch = prepare_inputs(_tokenizer(model), list(texts), [[im] for im in images], model.config,
+    batch = prepare_inputs(require_tokenizer(model), list(texts), [[im] for im in images], model.config,
                            pad_side="right", max_length=model.config.generation.multimodal_max_length)
     cond = model.condition(batch.input_ids, batch.attention_mask, batch.pixel_patches, batch.grid_thws)
     return cond, batch.attention_mask.to(cond.device).bool()
@@ -205,7 +185,8 @@ def _stack_padded(conds: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 def decoder_inputs(model, req: GenerationRequest) -> DecoderInputs:
     """Refine every branch once (exact/fast modes) and lay the rows out branch-major."""
     cond, mask = _stack_padded(req.conds)
-    txt, cls = refine(model, cond, mask)
+    refined = model.refiner(cond, mask)  # TokenRefiner.forward: the decoder's text stream and CLS
+    txt, cls = refined.tokens, refined.cls
     n = len(req.conds)
     b = req.conds[0][0].shape[0]
     ref = ref_ids = ref_mask = None
@@ -228,8 +209,12 @@ def initial_noise(model, seeds: list[int], latent_hw: tuple[int, int], generator
 
 
 def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callback=None,
-           progress: bool = True, shift: bool | None = None) -> Tensor:
-    """Denoise from the request's noise; returns final packed latent tokens [B, L, C]."""
+           progress: bool = True, shift: bool | None = None, inputs: DecoderInputs | None = None) -> Tensor:
+    """Denoise from the request's noise; returns final packed latent tokens [B, L, C].
+
+    `inputs` are the refined conditions (`decoder_inputs`), computed here when not given; plain mode
+    re-runs the refiner at every step instead, as the published loop does.
+    """
     g = model.config.generation
     h, w = req.latent_hw
     if req.latents is not None:
@@ -247,7 +232,7 @@ def sample(model, req: GenerationRequest, steps: int, mode: str = "exact", callb
         x = _denoise_plain(model, x, img_ids, req, timesteps, cb)
     else:
         fast = mode == "fast"
-        inputs = decoder_inputs(model, req)
+        inputs = decoder_inputs(model, req) if inputs is None else inputs
         x = denoise(model.decoder, x, img_ids, inputs, timesteps, req.combine,
                     guidance_interval=g.fast_guidance_interval if fast else None,
                     cache=FirstBlockCache(g.fast_cache_threshold) if fast else None, callback=cb,
@@ -328,6 +313,48 @@ def t2i_request(model, prompts: list[str], height: int, width: int, guidance_sca
                              generator=generator, latents=latents)
 
 
+@dataclass
+class GenerationArgs:
+    """One call's arguments, checked once and with the model's defaults filled in (`GenerationArgs.check`)."""
+
+    prompts: list[str]  # prompts, or edit instructions
+    count: int  # images per prompt
+    steps: int
+    guidance_scale: float  # text guidance
+    image_guidance_scale: float | None  # editing only
+    mode: str
+    output_type: str
+    seed: int | None  # None when a generator gives the noise
+    generator: object
+    latents: Tensor | None
+    size: tuple[int, int] | None = None  # text-to-image: the output size, floored to the size multiple
+    asked: tuple[int, int] | None = None  # text-to-image: the size asked for (it sizes the blank image)
+
+    @classmethod
+    def check(cls, model, prompt, steps, guidance_scale, count: int, mode: str, output_type: str, seed, generator,
+              latents, task: str = "t2i", image_guidance_scale=None, height=None, width=None) -> GenerationArgs:
+        g = model.config.generation
+        check_mode(mode)
+        default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
+        if task == "t2i":
+            txt_default, img = g.guidance_scale, None
+        else:
+            txt_default = g.edit_guidance_scale
+            img = check_scale("image_guidance_scale",
+                              g.image_guidance_scale if image_guidance_scale is None else image_guidance_scale)
+        args = cls(prompts=check_prompts(prompt, "prompt" if task == "t2i" else "instruction"),
+                   count=check_count(count),
+                   steps=check_steps(default_steps if steps is None else steps),
+                   guidance_scale=check_scale("guidance_scale",
+                                              txt_default if guidance_scale is None else guidance_scale),
+                   image_guidance_scale=img, mode=mode, output_type=check_output_type(output_type),
+                   seed=check_seed(seed, generator), generator=generator, latents=latents)
+        if task == "t2i":
+            args.asked = requested_size(model, height, width)
+            args.size = resolve_size(model, *args.asked)
+        return args
+
+
 @torch.no_grad()
 def text_to_image(model, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
                   seed: int | None = None, num_images_per_prompt: int = 1, mode: str = "exact", callback=None,
@@ -338,20 +365,14 @@ def text_to_image(model, prompt, height=None, width=None, num_inference_steps=No
     `generator` (one torch.Generator, or one per image), else from `seed` (42 by default; how a seed
     becomes noise is the model's `generation.noise`).
     """
-    g = model.config.generation
-    prompts = check_prompts(prompt)
-    check_mode(mode)
-    check_output_type(output_type)
-    n = check_count(num_images_per_prompt)
-    seed = check_seed(seed, generator)
-    asked = requested_size(model, height, width)
-    height, width = resolve_size(model, *asked)
-    default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
-    steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
-    scale = check_scale("guidance_scale", g.guidance_scale if guidance_scale is None else guidance_scale)
-    req = t2i_request(model, prompts, height, width, scale, seed, n, blank_size=asked, generator=generator,
-                      latents=latents)
-    tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
+    args = GenerationArgs.check(model, prompt, num_inference_steps, guidance_scale, num_images_per_prompt, mode,
+                                output_type, seed, generator, latents, height=height, width=width)
+    # The LLM condition of each guidance branch (prompt, and the unconditional prompt), one row per image.
+    req = t2i_request(model, args.prompts, *args.size, args.guidance_scale, args.seed, args.count,
+                      blank_size=args.asked, generator=args.generator, latents=args.latents)
+    # The refiner runs once per request: it has no timestep input (plain mode re-runs it per step instead).
+    inputs = None if args.mode == "plain" else decoder_inputs(model, req)
+    tokens = sample(model, req, args.steps, mode=args.mode, callback=callback, progress=progress, inputs=inputs)
     return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
 
 
@@ -404,20 +425,15 @@ def edit(model, image, instruction, num_inference_steps=None, guidance_scale=Non
     `latents`, `generator` and `seed` choose the initial noise as in `text_to_image`. The reference image
     is encoded to the VAE posterior's mean (the release samples it from the global RNG, unseeded).
     """
-    g = model.config.generation
     source = load_image(image)
-    instructions = check_prompts(instruction, "instruction")
-    check_mode(mode)
-    check_output_type(output_type)
-    n = check_count(num_images_per_prompt)
-    seed = check_seed(seed, generator)
-    default_steps = g.fast_num_inference_steps if mode == "fast" else g.num_inference_steps
-    steps = check_steps(default_steps if num_inference_steps is None else num_inference_steps)
-    txt = check_scale("guidance_scale", g.edit_guidance_scale if guidance_scale is None else guidance_scale)
-    img = check_scale("image_guidance_scale",
-                       g.image_guidance_scale if image_guidance_scale is None else image_guidance_scale)
-    req = edit_request(model, source, instructions, txt, img, seed, n, generator=generator, latents=latents)
-    tokens = sample(model, req, steps, mode=mode, callback=callback, progress=progress)
+    args = GenerationArgs.check(model, instruction, num_inference_steps, guidance_scale, num_images_per_prompt, mode,
+                                output_type, seed, generator, latents, task="edit",
+                                image_guidance_scale=image_guidance_scale)
+    # Three branches: (instruction, image + reference), (no text, image + reference), (no text, blank).
+    req = edit_request(model, source, args.prompts, args.guidance_scale, args.image_guidance_scale, args.seed,
+                       args.count, generator=args.generator, latents=args.latents)
+    inputs = None if args.mode == "plain" else decoder_inputs(model, req)  # the refiner, once per request
+    tokens = sample(model, req, args.steps, mode=args.mode, callback=callback, progress=progress, inputs=inputs)
     return tokens if output_type == "latent" else decode_latents(model, tokens, req.latent_hw)
 
 
@@ -452,186 +468,7 @@ class EditSession:
         return self.current
 
 
-# ---- understanding -----------------------------------------------------------------------------------
-def _image_list(images) -> list:
-    """None, one image, or a list of images -> a list."""
-    return [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
-
-
-def _question_batch(question, images) -> tuple[list[str], list[list]]:
-    if isinstance(question, str):
-        return [question], [_image_list(images)]
-    questions = list(question)
-    if images is None:
-        images = [[] for _ in questions]
-    if len(images) != len(questions):
-        raise ValueError(f"{len(questions)} questions but {len(images)} image lists; pass one list per question")
-    # None = a text-only question inside a batch that has images elsewhere.
-    return questions, [_image_list(im) for im in images]
-
-
-def _history_batch(history, questions: list[str], single: bool) -> list:
-    """One history per question (understanding_prompt checks each)."""
-    if history is None:
-        return [None for _ in questions]
-    if single:
-        return [history]
-
-    def is_pair(h) -> bool:  # one (question, answer) pair where a whole history belongs
-        return isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h)
-
-    if (isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple))
-            or len(history) != len(questions) or any(is_pair(h) for h in history)):
-        raise ValueError(f"{len(questions)} questions take a list of {len(questions)} histories (None or "
-                         f"(question, answer) pairs each), got {history!r}")
-    return list(history)
-
-
-@torch.no_grad()
-def answer(model, question, images=None, max_new_tokens: int | None = None, stream: bool = False,
-           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-           use_cache: bool = True, enable_thinking: bool = False, min_new_tokens: int | None = None,
-           history=None):
-    """Answer a question (str) or a batch (list of str, with one image list each).
-
-    Returns a str (a list for a batch), or, with stream=True, an iterator of text pieces (one question).
-    `history` continues a conversation: the earlier (question, answer) pairs, oldest first (a list of such
-    lists for a batch); the images belong to the conversation and open its first turn. `ChatSession`
-    keeps the history for you. `min_new_tokens` holds back the end-of-turn token that long (benchmarks
-    need a fixed answer length).
-    """
-    questions, image_lists = _question_batch(question, images)
-    histories = _history_batch(history, questions, isinstance(question, str))
-    for q in questions:
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"question must be a non-empty string, got {q!r}")
-    max_new = model.config.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 32768:
-        raise ValueError(f"max_new_tokens must be an integer in [1, 32768], got {max_new!r}")
-    if min_new_tokens is not None and (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
-                                       or not 0 <= min_new_tokens <= max_new):
-        raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new}], "
-                         f"got {min_new_tokens!r}")
-    if do_sample:
-        check_scale("temperature", temperature)
-        if temperature <= 0 or not 0 < top_p <= 1:
-            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
-    images_loaded = [[load_image(im) for im in ims] for ims in image_lists]
-    texts = [understanding_prompt(q, len(ims), enable_thinking, h)
-             for q, ims, h in zip(questions, images_loaded, histories, strict=True)]
-    tok = _tokenizer(model)
-    batch = prepare_inputs(tok, texts, images_loaded, model.config, pad_side="left",
-                           max_length=model.config.generation.multimodal_max_length)
-    embeds = model.embed(batch.input_ids, batch.pixel_patches, batch.grid_thws)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    kwargs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(model.device),
-                  max_new_tokens=max_new, do_sample=do_sample, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                  use_cache=use_cache)
-    if model.config.generation.no_repeat_ngram_size:
-        n = model.config.generation.no_repeat_ngram_size
-        if use_cache:  # as a processor: generate's own option warns that it sees only the new tokens (so do we)
-            from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
-            kwargs["logits_processor"] = LogitsProcessorList([NoRepeatNGramLogitsProcessor(n)])
-        else:
-            kwargs["no_repeat_ngram_size"] = n
-    if min_new_tokens:
-        kwargs["min_new_tokens"] = min_new_tokens
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    # transformers forces the KV cache on for inputs_embeds, so use_cache=False runs its own loop.
-    generate = model.llm.generate if use_cache else partial(generate_without_cache, model.llm)
-    if do_sample and seed is not None:
-        generate = _seeded(generate, int(seed), model.device)
-    if stream:
-        if len(questions) != 1:
-            raise ValueError("stream=True takes one question at a time")
-        return _stream(model, generate, kwargs)
-    out = generate(**kwargs)
-    answers = [a.strip() for a in tok.batch_decode(out, skip_special_tokens=True)]
-    return answers[0] if isinstance(question, str) else answers
-
-
-class ChatSession:
-    """A conversation about fixed images: each question is answered with the earlier turns as history."""
-
-    def __init__(self, model, images=None, **answer_kwargs):
-        if "history" in answer_kwargs:
-            raise ValueError("ChatSession keeps the history itself; it starts empty")
-        if "stream" in answer_kwargs:
-            raise ValueError("stream is chosen per turn: ask(question, stream=True)")
-        self.model, self.kwargs = model, answer_kwargs
-        self.images = [load_image(im) for im in _image_list(images)]
-        self.history: list[tuple[str, str]] = []
-
-    def ask(self, question: str, stream: bool = False, **kwargs):
-        """The answer (str), or with stream=True an iterator of its pieces; the turn is kept once complete."""
-        if not isinstance(question, str):
-            raise ValueError(f"ChatSession.ask takes one question (a string), got {type(question).__name__}")
-        if "history" in kwargs:
-            raise ValueError("ChatSession keeps the history itself")
-        kw = {**self.kwargs, **kwargs}
-        if not stream:
-            reply = answer(self.model, question, self.images, history=self.history, **kw)
-            self.history.append((question, reply))
-            return reply
-        pieces = answer(self.model, question, self.images, history=self.history, stream=True, **kw)
-        return self._keep_streamed(question, pieces)
-
-    def _keep_streamed(self, question: str, pieces: Iterator[str]) -> Iterator[str]:
-        # answer() strips its result; joining the streamed pieces gives exactly that string.
-        got = []
-        for piece in pieces:
-            got.append(piece)
-            yield piece
-        self.history.append((question, "".join(got)))
-
-    def undo(self) -> None:
-        """Forget the last turn."""
-        if self.history:
-            self.history.pop()
-
-
-def _stream(model, generate, kwargs) -> Iterator[str]:
-    from transformers import TextIteratorStreamer
-    streamer = TextIteratorStreamer(model.tokenizer, skip_special_tokens=True, timeout=600)
-    errors = []
-
-    def run():
-        try:
-            generate(**kwargs, streamer=streamer)
-        except Exception as e:  # surface generation errors in the consumer's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    # Strip like the non-streamed answer, so the pieces always join to exactly what answer() returns:
-    # leading whitespace is dropped, trailing whitespace is held back until more text follows it.
-    started, held = False, ""
-    for piece in streamer:
-        text = held + piece if started else piece.lstrip()
-        started = started or bool(text)
-        body = text.rstrip()
-        held = text[len(body):]
-        if body:
-            yield body
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
 # ---- helpers -----------------------------------------------------------------------------------------
-def _seeded(generate, seed: int, device: torch.device):
-    """`generate` drawing from its own seeded RNG: the caller's global RNG state is left as it was."""
-    devices = [device] if device.type == "cuda" else []
-
-    def run(**kwargs):
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return generate(**kwargs)
-    return run
-
-
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
@@ -651,4 +488,4 @@ def _chain(bar, callback):
     return cb
 
 
-__all__ = ["MODES", "EditSession", "ImageInputError", "answer", "edit", "text_to_image"]
+__all__ = ["MODES", "EditSession", "ImageInputError", "edit", "text_to_image"]
