@@ -62,14 +62,14 @@ class Settings:
 def study_stages(study: str) -> dict[str, list[StageArgs]]:
     """Stages per part of the study: "prefix" (shared, once) and one list per arm.
 
-    refiner, per arm: stage 4 of the default recipe (text-to-image, refiner + decoder) cut to 1,000 steps
-    of batch 16, which one thread of a 2-core CPU runs in ~12 minutes.
+    refiner, per arm: stage 4 of the default recipe (text-to-image, refiner + decoder) cut to 600 steps of
+    batch 16 (of 5,000 of 32), which one thread of a busy 2-core CPU runs in ~15-20 minutes.
     unified: the prefix is the recipe's prep_lm, prep_text and stage0 as they are; per arm, stages 1 and 2
     as in the recipe (the understanding arm puts all 24 rows of a batch on VQA) and stage 3 cut from 2,400
     to 600 steps."""
     recipe = {s.name: s for s in resolve("default").stages}
     if study == "refiner":
-        gen = dataclasses.replace(recipe["stage4"], steps=1000, batch_size=16)
+        gen = dataclasses.replace(recipe["stage4"], steps=600, batch_size=16)
         return {"published": [gen], "none": [dataclasses.replace(gen)]}
     if study == "unified":
         prefix = [dataclasses.replace(recipe[n]) for n in ("prep_lm", "prep_text", "stage0")]
@@ -145,7 +145,9 @@ def _recipe(stages: list[StageArgs], init: Path, out_dir: Path, seed: int, data_
     base = resolve("default")
     return {"preset": base.preset, "init": str(init), "out_dir": str(out_dir), "export": str(out_dir / "final"),
             "seed": seed, "threads": threads, "precision": settings.precision, "progress": False,
-            "log_every": 10, "ckpt_every": 100, "step_scale": settings.step_scale,
+            # A checkpoint every ~100 steps of the full-size study (the trainer resumes from the last one).
+            "log_every": 10, "ckpt_every": max(1, round(100 * settings.step_scale)),
+            "step_scale": settings.step_scale,
             "batch_scale": settings.batch_scale,
             "data": {**dataclasses.asdict(base.data), "seed": data_seed},
             "stages": [dataclasses.asdict(s) for s in stages]}
@@ -284,21 +286,22 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
     from .ablation_stats import run_score
     log(f"{study}/{arm} seed {seed}: " + ", ".join(f"{m} {run_score(samples[m]):.3f}" for m in samples))
     if paths.commit:
-        _commit(result, f"Ablation {study}: {arm} seed {seed} scored", log)
+        _commit([result, paths.results / study / "settings.json"], f"Ablation {study}: {arm} seed {seed} scored", log)
     return result
 
 
-def _commit(path: Path, message: str, log) -> None:
-    """Commit just this result (other staged work is left alone); a failure is reported, never fatal."""
+def _commit(files: list[Path], message: str, log) -> None:
+    """Commit just these files (other staged work is left alone); a failure is reported, never fatal."""
+    names = [str(f) for f in files]
     for attempt in range(3):
-        add = subprocess.run(["git", "add", "--", str(path)], cwd=REPO, capture_output=True, text=True)
+        add = subprocess.run(["git", "add", "--", *names], cwd=REPO, capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", str(path)], cwd=REPO, capture_output=True, text=True
+            ["git", "commit", "-q", "-m", message, "--", *names], cwd=REPO, capture_output=True, text=True
         ).returncode == 0
         if done:
             return
         time.sleep(5 * (attempt + 1))  # another git command holding the index lock
-    log(f"could not commit {path}; commit it by hand")
+    log(f"could not commit {names}; commit them by hand")
 
 
 def run_studies(studies: list[str], seeds: list[int], paths: Paths, settings: Settings | None, threads: int,
