@@ -22,7 +22,7 @@ from ovis_u1.config import RefinerConfig, get_preset
 from ovis_u1.model import OvisU1
 from ovis_u1.refiner import TokenRefiner
 from train import ablation_stats as st
-from train.ablate import Paths, Settings, compose_init, run_studies, study_stages
+from train.ablate import Paths, Settings, compose_init, rescore, run_studies, study_stages
 from train.config import resolve
 from train.trainer import latest_checkpoint, train
 
@@ -159,6 +159,19 @@ def test_study_resumes_a_killed_run_and_skips_finished_ones(tmp_path, tiny_sourc
     assert before == {p: p.stat().st_mtime_ns for p in paths.results.rglob("*.json")}
     with pytest.raises(ValueError, match="started with other settings"):
         run_studies(["refiner"], [0], paths, Settings(source=tiny_source), threads=1, log=log.append)
+
+    # A metric added after a run finished is scored from its kept model; what it had must score the same.
+    result = paths.results / "refiner" / "none_seed0.json"
+    record = json.loads(result.read_text())
+    gain = record["samples"].pop("prompt_gain")
+    assert any(v != 0 for v in gain["value"])
+    result.write_text(json.dumps(record))
+    assert rescore("refiner", paths, 1, log.append) == [result]
+    assert json.loads(result.read_text())["samples"]["prompt_gain"] == gain
+    record["samples"]["t2i_loss"]["value"][0] += 0.1
+    result.write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="scores differently now"):
+        rescore("refiner", paths, 1, log.append)
 
 
 def test_unified_study_shares_its_prefix(tmp_path, tiny_source):

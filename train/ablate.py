@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -87,7 +88,9 @@ ARM_CONFIG = {("refiner", "none"): {"refiner.depth": 0}}
 # Components initialised afresh (from the run's seed) in the model a part starts from; the rest is copied.
 FRESH = {("refiner", "run"): ("decoder", "refiner"), ("unified", "prefix"): ("llm", "vte", "refiner", "decoder"),
          ("unified", "run"): ()}
-METRICS = {"refiner": ("geneval", "t2i_loss"), "unified": ("vqa", "followup")}
+# prompt_gain: the held-out loss without the prompt minus with it, at the same draws: how much the decoder
+# uses the condition the refiner hands it (the denoising loss alone is mostly about the image).
+METRICS = {"refiner": ("geneval", "t2i_loss", "prompt_gain"), "unified": ("vqa", "followup")}
 
 
 # ---- composing the model a part starts from ------------------------------------------------------------------
@@ -180,14 +183,16 @@ def train_part(work: Path, stages: list[StageArgs], source: Path, fresh: tuple[s
 
 # ---- scoring: one figure per held-out sample ---------------------------------------------------------------
 @torch.no_grad()
-def score_run(model, study: str, settings: Settings) -> dict:
+def score_run(model, study: str, settings: Settings, metrics: tuple[str, ...] | None = None) -> dict:
     """{metric: {"kind": [...], "value": [...]}}: per held-out sample, its category / question kind and its
-    figure (1/0 for a hit, the loss for t2i_loss); every run of a study sees the same samples."""
+    figure (1/0 for a hit, the loss for t2i_loss); every run of a study sees the same samples. `metrics`:
+    a subset of the study's (default all)."""
     from ovis_u1.shapes.evaluate import geneval_correct, geneval_prompts
     from ovis_u1.shapes.world import T2I_CATEGORIES, VQA_KINDS, ShapesWorld
     seed, out = settings.eval_seed, {}
+    metrics = METRICS[study] if metrics is None else metrics
     world = ShapesWorld(64, seed, split="heldout")
-    if "geneval" in METRICS[study]:
+    if "geneval" in metrics:
         prompts = geneval_prompts(settings.n_geneval, seed)
         hits = []
         for start in range(0, len(prompts), 8):
@@ -195,19 +200,24 @@ def score_run(model, study: str, settings: Settings) -> dict:
             images = model.text_to_image([p for p, _ in chunk], seed=seed + start, progress=False, mode="exact")
             hits += [int(geneval_correct(im, spec)) for im, (_, spec) in zip(images, chunk)]
         out["geneval"] = {"kind": [s.category for _, s in prompts], "value": hits}
-    if "t2i_loss" in METRICS[study]:
+    if {"t2i_loss", "prompt_gain"} & set(metrics):
         from .losses import t2i_loss
         model.eval()
-        values, kinds = [], []
+        cond, gain, kinds = [], [], []
         for i in range(settings.n_loss):
             kinds.append(T2I_CATEGORIES[i % len(T2I_CATEGORIES)])
             sample = world.t2i(i, kinds[-1])
-            g = torch.Generator().manual_seed(seed * 100_003 + i)
-            values.append(round(float(t2i_loss(model, [sample] * 4, g, cond_dropout=0.0)), 6))
-        out["t2i_loss"] = {"kind": kinds, "value": values}
+            # cond_dropout 0 keeps every prompt, 1 drops every one; both draw the same times and noises.
+            with_prompt, without = (float(t2i_loss(model, [sample] * 4, torch.Generator().manual_seed(
+                seed * 100_003 + i), cond_dropout=p)) for p in (0.0, 1.0))
+            cond.append(round(with_prompt, 6))
+            gain.append(round(without - with_prompt, 6))
+        for metric, values in (("t2i_loss", cond), ("prompt_gain", gain)):
+            if metric in metrics:
+                out[metric] = {"kind": kinds, "value": values}
     for metric, history_p, kinds in (("vqa", 0.0, VQA_KINDS), ("followup", 1.0, tuple(k for k in VQA_KINDS
                                                                                     if k != "compare"))):
-        if metric not in METRICS[study]:
+        if metric not in metrics:
             continue
         hits, kind_list = [], []
         for start in range(0, settings.n_vqa, 16):
@@ -290,6 +300,38 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
     return result
 
 
+def rescore(study: str, paths: Paths, threads: int, log) -> list[Path]:
+    """Score the finished runs of a study on the metrics their results lack (one added after they ran), from
+    the models kept in their work folders. The figures a result already has are scored again alongside and
+    must come out the same, so a changed model or scorer is refused rather than mixed in."""
+    from ovis_u1.model import OvisU1
+    torch.set_num_threads(threads)
+    settings = load_settings(study, paths, None)
+    changed = []
+    for result in sorted((paths.results / study).glob("*_seed*.json")):
+        record = json.loads(result.read_text())
+        missing = tuple(m for m in METRICS[study] if m not in record["samples"])
+        if not missing:
+            continue
+        final = paths.runs / study / f"{record['arm']}_seed{record['seed']}" / "final"
+        if not final.exists():
+            raise RuntimeError(f"{result} lacks {list(missing)} and its model {final} is gone; rerun that run")
+        cheap = tuple(m for m in record["samples"] if m != "geneval")  # geneval takes minutes: not rechecked
+        scored = score_run(OvisU1.from_pretrained(str(final)), study, settings, missing + cheap)
+        for m in cheap:
+            if not np.allclose(scored[m]["value"], record["samples"][m]["value"], atol=1e-5):
+                raise RuntimeError(f"{result}: {m} scores differently now than when it ran; not adding {missing}")
+        record["samples"].update({m: scored[m] for m in missing})
+        tmp = result.with_name(f".{result.name}.tmp")
+        tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+        os.replace(tmp, result)
+        log(f"{result}: added {list(missing)}")
+        changed.append(result)
+    if changed and paths.commit:
+        _commit(changed, f"Ablation {study}: {len(changed)} finished runs scored on {list(METRICS[study])}", log)
+    return changed
+
+
 def _commit(files: list[Path], message: str, log) -> None:
     """Commit just these files (other staged work is left alone); a failure is reported, never fatal."""
     names = [str(f) for f in files]
@@ -326,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="docs/ablations", help="where each run's scores go")
     p.add_argument("--commit", action="store_true", help="git-commit each result as soon as it exists")
     p.add_argument("--summary", action="store_true", help="print the statistics of the results so far and exit")
+    p.add_argument("--rescore", action="store_true",
+                   help="score finished runs on metrics added after they ran (from their kept models) and exit")
     for f in dataclasses.fields(Settings):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"study setting (default {f.default}); fixed once a study has started")
@@ -336,12 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         from .ablation_stats import summary_markdown
         print(summary_markdown(paths.results, studies))
         return 0
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    if a.rescore:
+        for study in studies:
+            rescore(study, paths, a.threads, log)
+        return 0
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(Settings) if getattr(a, f.name) is not None}
     if any(s < 0 for s in a.seeds) or a.threads < 1:
         p.error("seeds must be >= 0 and threads >= 1")
     try:
-        run_studies(studies, a.seeds, paths, Settings(**given) if given else None, a.threads,
-                    log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
+        run_studies(studies, a.seeds, paths, Settings(**given) if given else None, a.threads, log=log)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 LOWER_IS_BETTER = frozenset({"t2i_loss"})
-METRIC_NAMES = {"geneval": "mini-GenEval", "t2i_loss": "held-out denoising loss", "vqa": "VQA accuracy",
+METRIC_NAMES = {"geneval": "mini-GenEval", "t2i_loss": "held-out denoising loss",
+                "prompt_gain": "prompt gain (loss without - with prompt)", "vqa": "VQA accuracy",
                 "followup": "follow-up VQA accuracy"}
 N_BOOT = 4000
 
