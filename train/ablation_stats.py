@@ -31,6 +31,12 @@ METRIC_NAMES = {"geneval": "mini-GenEval", "t2i_loss": "held-out denoising loss"
                 "prompt_gain": "prompt gain (loss without - with prompt)", "vqa": "VQA accuracy",
                 "followup": "follow-up VQA accuracy"}
 N_BOOT = 4000
+FLOOR = 0.1  # a hit rate below this in both arms is near the floor: the comparison says little
+
+
+def digits(metric: str) -> int:
+    """Decimals to print: losses differ in the fourth."""
+    return 4 if metric in ("t2i_loss", "prompt_gain") else 3
 
 
 def _weights(kinds: list[str]) -> np.ndarray:
@@ -176,17 +182,17 @@ def summary_markdown(results: str | Path, studies: list[str]) -> str:
                   f"| metric | {a} | {b} | {a} - {b} [95% CI] | per-seed differences | t-test p | sign-flip p |",
                   "|---|---|---|---|---|---|---|"]
         for metric, e in s["metrics"].items():
-            cells = []
+            k, cells = digits(metric), []
             for arm in (a, b):
                 x = e["arms"].get(arm)
-                cells.append("-" if x is None else f"{x['mean']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] "
-                             f"(seeds: {', '.join(f'{v:.3f}' for v in x['per_seed'])})")
+                cells.append("-" if x is None else f"{x['mean']:.{k}f} [{x['ci95'][0]:.{k}f}, {x['ci95'][1]:.{k}f}] "
+                             f"(seeds: {', '.join(f'{v:.{k}f}' for v in x['per_seed'])})")
             p = e["paired"]
             if p is None:
                 cells += ["-", "-", "-", "-"]
             else:
-                cells += [f"{p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]",
-                          ", ".join(f"{d['diff']:+.3f}" for d in p["per_seed"]),
+                cells += [f"{p['mean']:+.{k}f} [{p['ci95'][0]:+.{k}f}, {p['ci95'][1]:+.{k}f}]",
+                          ", ".join(f"{d['diff']:+.{k}f}" for d in p["per_seed"]),
                           f"{p['t_test_p']:.3f}", f"{p['sign_flip_p']:.3f}"]
             lines.append(f"| {METRIC_NAMES.get(metric, metric)} | " + " | ".join(cells) + " |")
         lines.append("")
