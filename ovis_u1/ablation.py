@@ -32,6 +32,8 @@ class RefinerBypass(nn.Module):
         super().__init__()
         if cls not in CLS_CHOICES:
             raise ValueError(f"cls must be one of {CLS_CHOICES}, got {cls!r}")
+        if not refiner.cfg.depth:
+            raise ValueError("this model's refiner has no blocks (depth 0), so there is nothing to bypass")
         self.refiner, self.cls = refiner, cls
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False) -> RefinerOutput:

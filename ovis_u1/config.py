@@ -85,7 +85,7 @@ class RefinerConfig:
     in_dim: int = 4096  # = 2 x LLM hidden (last two hidden layers concatenated)
     hidden_size: int = 1536
     num_heads: int = 24
-    depth: int = 2
+    depth: int = 2  # 0: no blocks, the decoder gets the projected condition and its mean (an ablation)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
 

@@ -4,6 +4,10 @@ It turns the LLM condition (last two hidden layers, concatenated) into the decod
 CLS vector that stands in for FLUX's pooled CLIP vector. It has no timestep input, so one refiner pass
 serves every denoising step.
 
+With depth 0 (an ablation the report never ran: docs/ablations.md) there are no blocks and so no CLS to
+refine: the text stream is the input projection of the condition and the CLS is the masked mean of those
+projected tokens, so the decoder still gets a pooled prompt vector; a model is trained that way.
+
 Axes: B batch, L tokens (CLS included where said), H heads, D head dim, K q/k/v, C channels.
 """
 
@@ -81,11 +85,16 @@ class TokenRefiner(nn.Module):
         super().__init__()
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"refiner hidden_size {cfg.hidden_size} not divisible by {cfg.num_heads} heads")
+        if isinstance(cfg.depth, bool) or not isinstance(cfg.depth, int) or cfg.depth < 0:
+            raise ValueError(f"refiner depth must be a whole number >= 0 (0: no blocks), got {cfg.depth!r}")
         self.cfg = cfg
         hidden = cfg.hidden_size
         self.input_embedder = nn.Linear(cfg.in_dim, hidden)
-        self.c_embedder = ContextEmbedder(cfg.in_dim, hidden)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        if cfg.depth:
+            # The context vector only drives the blocks' gates and the CLS only exists to be refined, so a
+            # refiner without blocks has neither (no untrained weights in its checkpoint).
+            self.c_embedder = ContextEmbedder(cfg.in_dim, hidden)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.individual_token_refiner = nn.Module()
         self.individual_token_refiner.blocks = nn.ModuleList(
             RefinerBlock(hidden, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth)
@@ -99,8 +108,9 @@ class TokenRefiner(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        # A small random CLS (as ViT/DiT embeddings) so it is distinguishable from a zero padding token.
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.cfg.depth:
+            # A small random CLS (as ViT/DiT embeddings) so it is distinguishable from a zero padding token.
+            nn.init.normal_(self.cls_token, std=0.02)
         for block in self.individual_token_refiner.blocks:
             # Zero gates: each block starts as the identity (adaLN-Zero), so an untrained refiner passes
             # the projected LLM tokens through unchanged.
@@ -110,6 +120,8 @@ class TokenRefiner(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False) -> RefinerOutput:
         """x [B, L, in_dim] condition tokens; mask [B, L] bool, True = real token."""
         b = x.shape[0]
+        if not self.cfg.depth:
+            return self._without_blocks(x, mask, return_attention)
         # Context vector: mean of the raw condition over the real tokens only, so padding does not move it.
         if mask is None:
             pooled = x.float().mean(dim=1)
@@ -135,3 +147,13 @@ class TokenRefiner(nn.Module):
                 attn_maps.append(weights)
         return RefinerOutput(tokens=h[:, 1:], cls=h[:, 0], mask=mask,
                              attention=attn_maps if return_attention else None, gates=gates)
+
+    def _without_blocks(self, x: Tensor, mask: Tensor | None, return_attention: bool) -> RefinerOutput:
+        """depth 0: the projected tokens, and their mean over the real tokens in place of the refined CLS."""
+        h = self.input_embedder(x)  # [B, L, C]
+        if mask is None:
+            cls = h.mean(dim=1)
+        else:
+            m = mask.to(h.dtype)[..., None]
+            cls = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return RefinerOutput(tokens=h, cls=cls, mask=mask, attention=[] if return_attention else None, gates=[])

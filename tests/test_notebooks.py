@@ -74,7 +74,8 @@ def committed_text(path: Path) -> str:
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_architecture_tour.ipynb", "02_inside_the_refiner.ipynb", "03_flow_matching.ipynb",
-                     "04_editing_two_guidances.ipynb", "05_six_training_stages.ipynb"]
+                     "04_editing_two_guidances.ipynb", "05_six_training_stages.ipynb",
+                     "06_ablations.ipynb"]
     readme = (NOTEBOOK_DIR / "README.md").read_text()
     assert all(name in readme for name in names)
 
