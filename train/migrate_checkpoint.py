@@ -31,7 +31,8 @@ from ovis_u1.prompts import INDICATOR_IDS
 @torch.no_grad()
 def swap_condition_halves(model: OvisU1) -> None:
     d = model.config.llm.hidden_size
-    for linear in (model.refiner.input_embedder, model.refiner.c_embedder.linear_1):
+    context = [model.refiner.c_embedder.linear_1] if model.refiner.cfg.depth else []  # depth 0 has none
+    for linear in (model.refiner.input_embedder, *context):
         w = linear.weight
         w.copy_(torch.cat([w[:, d:], w[:, :d]], dim=1))
 
