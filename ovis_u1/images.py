@@ -71,7 +71,10 @@ def _read_bytes(src: Any) -> tuple[bytes, str]:
             raise ImageInputError(f"image file {str(path)!r} does not exist")
         if not path.is_file():
             raise ImageInputError(f"image path {str(path)!r} is not a regular file")
-        return path.read_bytes(), f"image file {str(path)!r}"
+        try:
+            return path.read_bytes(), f"image file {str(path)!r}"
+        except OSError as e:  # no permission, an I/O error (/proc/self/mem), a file removed meanwhile
+            raise ImageInputError(f"image file {str(path)!r} could not be read: {e.strerror or e}") from e
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src), "image bytes"
     if hasattr(src, "read"):

@@ -421,3 +421,10 @@ def test_tokenizer_build_save_reload(tmp_path):
     assert again.pad_token_id == tok.pad_token_id and again.eos_token_id == tok.eos_token_id
     with pytest.raises(ValueError, match="too small"):
         build_tokenizer(["abc"], vocab_size=100)
+
+
+def test_unreadable_image_files_are_an_image_input_error(tmp_path):
+    """An OSError while reading (an I/O error like /proc/self/mem's, no permission) names the file."""
+    with pytest.raises(IM.ImageInputError, match="could not be read"):
+        IM.load_image("/proc/self/mem")
+
