@@ -368,3 +368,31 @@ def test_import_has_no_side_effects(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path / "src" / "ovis_u1" / "__init__.py")
     assert snapshot() == before
+
+
+def test_migrating_a_pre_parity_checkpoint_keeps_its_outputs(make_tiny):
+    """train.migrate_checkpoint: the refiner reads the new condition order, indicators their new rows, and
+    visual tokens keep their embeddings (the given-up word had almost no probability on the images)."""
+    from train.migrate_checkpoint import migrate
+    old = make_tiny()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    images = [random_image(32, 32, seed=s) for s in range(3)]
+    new, lost = migrate(old, images)
+    d = old.config.llm.hidden_size
+    cond_new = torch.randn(2, 5, 2 * d, generator=torch.Generator().manual_seed(1))  # [h[-1], h[-2]]
+    cond_old = torch.cat([cond_new[..., d:], cond_new[..., :d]], dim=-1)  # what the old code built
+    with torch.no_grad():
+        a, b = old.refiner(cond_old), new.refiner(cond_new)
+    torch.testing.assert_close(b.tokens, a.tokens, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.cls, a.cls, rtol=0, atol=1e-5)
+    v = old.vte.num_embeddings
+    for k in range(len(INDICATOR_IDS)):  # old row V-4+k is new row V-5+k
+        assert torch.equal(new.vte.weight[v - 5 + k], old.vte.weight[v - 4 + k])
+    patches, grids = patches_of(old, images[0])
+    with torch.no_grad():
+        e_old = old.visual_tokens(patches, grids) @ old.vte.weight
+        e_new = new.visual_tokens(patches, grids) @ new.vte.weight
+    assert lost < 0.05
+    torch.testing.assert_close(e_new, e_old, rtol=0, atol=lost * 20 + 1e-5)
