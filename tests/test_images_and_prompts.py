@@ -428,3 +428,14 @@ def test_unreadable_image_files_are_an_image_input_error(tmp_path):
     with pytest.raises(IM.ImageInputError, match="could not be read"):
         IM.load_image("/proc/self/mem")
 
+
+
+def test_former_module_names_forward_to_the_split_modules(monkeypatch):
+    """ovis_u1.processing / ovis_u1.inference (before the split by concern) read and patch the new modules."""
+    from ovis_u1 import chat, generation, images, inference, processing, prompts
+    assert processing.smart_resize is images.smart_resize and processing.UNCOND_TEXT == prompts.UNCOND_TEXT
+    assert inference.answer is chat.answer and inference.text_to_image is generation.text_to_image
+    monkeypatch.setattr(inference, "initial_noise", "patched")
+    assert generation.initial_noise == "patched"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        processing.nope  # noqa: B018
