@@ -188,6 +188,22 @@ def test_unified_study_shares_its_prefix(tmp_path, tiny_source):
     assert set(summary["metrics"]) == {"vqa", "followup"} and summary["metrics"]["vqa"]["paired"]["n_seeds"] == 2
 
 
+
+def test_refiner_study_can_start_both_arms_from_the_source_decoder(tmp_path, tiny_source):
+    paths = Paths(tmp_path / "runs", tmp_path / "results")
+    settings = Settings(source=tiny_source, decoder_start="source", **TINY_STUDY)
+    run_studies(["refiner"], [0], paths, settings, threads=1, log=print)
+    src = OvisU1.from_pretrained(tiny_source).state_dict()
+    for arm in ("published", "none"):
+        start = OvisU1.from_pretrained(paths.runs / "refiner" / f"{arm}_seed0" / "init").state_dict()
+        assert all(torch.equal(start[k], v) for k, v in src.items() if k.startswith("decoder."))
+        assert not torch.equal(start["refiner.input_embedder.weight"], src["refiner.input_embedder.weight"])
+        record = json.loads((paths.results / "refiner" / f"{arm}_seed0.json").read_text())
+        assert record["fresh_per_seed"] == ["refiner"] and record["settings"]["decoder_start"] == "source"
+    with pytest.raises(ValueError, match="decoder_start must be"):
+        run_studies(["refiner"], [0], Paths(tmp_path / "r2", tmp_path / "s2"),
+                    Settings(source=tiny_source, decoder_start="warm"), threads=1, log=print)
+
 # ---- the statistics ----------------------------------------------------------------------------------------
 def test_run_score_is_the_mean_of_the_kind_means():
     assert st.run_score({"kind": ["a", "a", "a", "b"], "value": [1, 1, 0, 0]}) == pytest.approx((2 / 3 + 0) / 2)

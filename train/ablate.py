@@ -58,6 +58,10 @@ class Settings:
     n_geneval: int = 90  # 15 per GenEval category
     n_loss: int = 126  # held-out captions (18 per caption category) for the denoising loss, 4 draws each
     n_vqa: int = 600  # 100 per question kind; follow-up questions as many
+    # refiner study: "fresh" initialises the decoder afresh per seed (both arms learn to draw from nothing);
+    # "source" starts both arms from the source model's trained decoder, so the budget goes to learning to
+    # follow the prompt through the arm's refiner (fresh in both) instead of to learning to draw.
+    decoder_start: str = "fresh"
 
 
 def study_stages(study: str) -> dict[str, list[StageArgs]]:
@@ -251,9 +255,18 @@ def load_settings(study: str, paths: Paths, given: Settings | None) -> Settings:
                              f"the saved ones (leave the options out) or use another --results folder")
         return saved
     settings = given or Settings()
+    if settings.decoder_start not in ("fresh", "source"):
+        raise ValueError(f"decoder_start must be 'fresh' or 'source', got {settings.decoder_start!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
     return settings
+
+
+def fresh_components(study: str, part: str, settings: Settings) -> tuple[str, ...]:
+    fresh = FRESH[(study, part)]
+    if study == "refiner" and settings.decoder_start == "source":
+        return tuple(c for c in fresh if c != "decoder")
+    return fresh
 
 
 def result_path(paths: Paths, study: str, arm: str, seed: int) -> Path:
@@ -270,11 +283,12 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
     t0 = time.perf_counter()
     source = Path(settings.source)
     if "prefix" in stages:
-        source = train_part(paths.runs / study / "prefix", stages["prefix"], source, FRESH[(study, "prefix")], {},
+        source = train_part(paths.runs / study / "prefix", stages["prefix"], source,
+                            fresh_components(study, "prefix", settings), {},
                             seed=0, data_seed=0, settings=settings, threads=threads, log=log)
     changes = ARM_CONFIG.get((study, arm), {})
-    final = train_part(paths.runs / study / f"{arm}_seed{seed}", stages[arm], source, FRESH[(study, "run")],
-                       changes, seed=seed, data_seed=100 + seed, settings=settings, threads=threads, log=log)
+    fresh = fresh_components(study, "run", settings)
+    final = train_part(paths.runs / study / f"{arm}_seed{seed}", stages[arm], source, fresh, changes, seed=seed, data_seed=100 + seed, settings=settings, threads=threads, log=log)
     t_train = time.perf_counter() - t0
     from ovis_u1.model import OvisU1
     torch.set_num_threads(threads)
@@ -285,7 +299,7 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
               "stages": [dataclasses.asdict(s) for s in stages[arm]],
               "shared_prefix": ([dataclasses.asdict(s) for s in stages.get("prefix", [])],
                                 {"source": settings.source, "fresh": list(FRESH.get((study, "prefix"), ()))}),
-              "fresh_per_seed": list(FRESH[(study, "run")]), "settings": dataclasses.asdict(settings),
+              "fresh_per_seed": list(fresh), "settings": dataclasses.asdict(settings),
               "command": f"python -m train.ablate --study {study} --seeds {seed}",
               "seconds": {"train": round(t_train), "score": round(time.perf_counter() - t1)},
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "samples": samples}
