@@ -31,8 +31,11 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from ovis_u1.checkpoint import CheckpointError
+from ovis_u1 import checkpoint
+from ovis_u1.__main__ import main as cli
+from ovis_u1.checkpoint import CheckpointError, load_model
 from ovis_u1.generation import edit_size
+from ovis_u1.model import OvisU1
 from ovis_u1.shapes import ShapesWorld
 from tests._app_server import REPO, shared_app, start_app
 from tests.web_battery import data_url, one_colour_png, png_header_only, raw_call, upload
@@ -61,7 +64,7 @@ def new_client(server) -> Client:
 @pytest.fixture(scope="module")
 def reference():
     """The server's model, loaded the same way in this process, to compare outputs with."""
-    return app.load_model(os.environ.get(app.CHECKPOINT_ENV), device="cpu", dtype=torch.float32)
+    return load_model(device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -532,20 +535,52 @@ def test_readable_turns_exceptions_into_messages():
         next(gen)
 
 
-def test_an_unreachable_hub_id_fails_with_a_clear_message(monkeypatch, capsys):
+@pytest.mark.parametrize("argv, env, want", [
+    ([], None, "shipped"),
+    ([], "saved", "saved"),
+    (["--checkpoint", "saved"], None, "saved"),
+    (["--checkpoint", "some-org/some-model"], None, "hub/some-org--some-model"),
+    (["--checkpoint", "offline-org/some-model"], None, "could not be fetched from the Hugging Face Hub"),
+    (["--checkpoint", "no/such/dir"], None, "is neither an existing directory nor a hub id"),
+])
+def test_the_app_and_the_cli_load_the_same_checkpoint(monkeypatch, tmp_path, capsys, argv, env, want):
+    """Both entry points load through `ovis_u1.checkpoint.load_model`: the default, $OVIS_U1_CHECKPOINT, a
+    directory and a hub id (fetched) name the same checkpoint, and a bad one fails with the same message."""
     import huggingface_hub
 
-    def offline(repo_id, **kwargs):
-        raise OSError("Name or service not known")
+    (tmp_path / "saved").mkdir()
+    argv = [str(tmp_path / a) if a == "saved" else a for a in argv]
+    monkeypatch.delenv(checkpoint.CHECKPOINT_ENV, raising=False)
+    if env:
+        monkeypatch.setenv(checkpoint.CHECKPOINT_ENV, str(tmp_path / env))
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face Hub"):
-        app.resolve_checkpoint("some-org/some-model")
-    with pytest.raises(CheckpointError, match="neither an existing directory nor a hub id"):
-        app.resolve_checkpoint("no/such/dir")
+    def download(repo_id, **kwargs):
+        if repo_id.startswith("offline-"):
+            raise OSError("Name or service not known")
+        folder = tmp_path / "hub" / repo_id.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    loaded = []
+
+    def from_pretrained(cls, path=None, device="cpu", dtype=None):
+        loaded.append((Path(path), torch.device(device), dtype))
+        raise CheckpointError("recorded")  # the test needs the path only, not a model
+
+    monkeypatch.setattr(OvisU1, "from_pretrained", classmethod(from_pretrained))
     with pytest.raises(SystemExit) as done:
-        app.main(["--checkpoint", "some-org/some-model"])
-    assert "cannot load the model" in str(done.value) and "--checkpoint DIR" in str(done.value)
+        app.main([*argv, "--device", "cpu"])
+    app_says = str(done.value).removeprefix("app.py: cannot load the model: ")
+    code = cli(["answer", "--question", "Hi?", "--device", "cpu", *argv])
+    cli_says = capsys.readouterr().err.strip().removeprefix("error: ")
+    assert code == 2 and cli_says == " ".join(app_says.split())
+    if want == "shipped":
+        assert loaded == [(checkpoint.DEFAULT_MODEL_DIR, torch.device("cpu"), torch.float32)] * 2
+    elif app_says == "recorded":
+        assert loaded == [(tmp_path / want, torch.device("cpu"), torch.float32)] * 2
+    else:
+        assert loaded == [] and want in app_says
 
 
 def front_matter(path: Path) -> dict:

@@ -76,13 +76,13 @@ def test_answer_plain_and_streamed(tmp_path, capsys):
 def test_answer_conversation_and_chat(tmp_path, capsys, monkeypatch):
     import io
 
-    from ovis_u1 import OvisU1
+    from ovis_u1.checkpoint import load_model
     from ovis_u1.shapes import random_scene
     src = tmp_path / "scene.png"
     random_scene(np.random.default_rng(3)).render().save(src)
     # The shipped model, so the answers are words (a random tiny model's can be empty, which would let a
     # CLI that drops the history pass): the second answer must come from the two-turn conversation.
-    model = OvisU1.from_pretrained().eval()
+    model = load_model(device="cpu")  # what the CLI loads without --checkpoint
     image = Image.open(src).convert("RGB")
     first = model.answer("How many objects are there?", images=[image])
     second = model.answer("What color is the largest object?", images=[image],
@@ -119,12 +119,42 @@ def test_missing_image_file(tmp_path, capsys):
     assert_one_line_error(err, "does not exist")
 
 
+def test_a_hub_id_is_fetched_and_loaded(tmp_path, capsys, monkeypatch):
+    """`--checkpoint org/name` goes through the loader the app uses (which test_app.py checks resolves every
+    spec as the CLI does); here the whole command runs on what the fetch returned."""
+    import huggingface_hub
+    asked = []
+
+    def download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(ovis_u1.checkpoint.DEFAULT_MODEL_DIR)  # stands in for the hub cache's copy
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    code, out, err = run(capsys, "generate", "--checkpoint", "some-org/shapes-model", "--device", "cpu", "--quiet",
+                         "--prompt", "a red circle", "--steps", "1", "--out", str(tmp_path))
+    assert code == 0, err
+    assert asked == ["some-org/shapes-model"]
+    with Image.open(out.strip()) as im:
+        assert im.size == (64, 64)  # the shipped shapes model's size, so its config was the one loaded
+
+    def offline(repo_id, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    code, out, err = run(capsys, "generate", "--checkpoint", "some-org/shapes-model", "--device", "cpu",
+                         "--prompt", "a cat")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "'some-org/shapes-model' is not a local directory and could not be fetched",
+                          "Name or service not known", "--checkpoint DIR")
+
+
 def test_missing_checkpoints(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path / "nowhere"), "--device", "cpu",
                        "--prompt", "a cat")
     assert code == 2
-    assert_one_line_error(err, "does not exist")
+    assert_one_line_error(err, "nowhere' is neither an existing directory nor a hub id")
     # No --checkpoint: the shipped default model, here made to be missing.
+    monkeypatch.delenv(ovis_u1.checkpoint.CHECKPOINT_ENV, raising=False)
     monkeypatch.setattr(ovis_u1.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     code, _, err = run(capsys, "answer", "--device", "cpu", "--question", "Hi?")
     assert code == 2
