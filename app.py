@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ovis_u1 import refiner_insight as insight
 from ovis_u1.checkpoint import CHECKPOINT_ENV, DEFAULT_MODEL_DIR, CheckpointError, load_model, resolve_checkpoint
+from ovis_u1.generation import EditSession
 from ovis_u1.images import load_image
 from ovis_u1.model import OvisU1
 from ovis_u1.shapes import ShapesWorld
@@ -483,7 +484,7 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                                      object_fit="contain", elem_id="create-gallery", elem_classes=pixelated)
 
         with gr.Tab("Edit", id="edit"):
-            edit_state = gr.State([])  # [(instruction or None, PIL image)]: this session's editing chain
+            edit_state = gr.State([])  # this user's EditSession history: [(None, original), (instruction, result), ...]
             with gr.Row():
                 with gr.Column():
                     source = unopened_uploads(gr.Image(ex.edits[0][0], label="Image to edit", height=260,
@@ -583,12 +584,13 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                                          callback=progress_callback(progress), progress=False)
             return [(im, f"seed {s + k}") for k, im in enumerate(images)]
 
-        def edit_step(chain, text, n_steps, txt, img, s, m, progress):
-            out = model.edit(chain[-1][1], text, num_inference_steps=n_steps, guidance_scale=txt,
-                             image_guidance_scale=img, seed=s, mode=m, callback=progress_callback(progress),
-                             progress=False)[0]
-            chain = [*chain, (text, out)]
-            return out, edit_gallery(chain), chain
+        # The chain lives in `edit_state` as EditSession's history: plain (instruction, image) pairs,
+        # because a ZeroGPU Space pickles a callback's arguments into its GPU process (a session would
+        # carry the model). Each call resumes a session around it and returns the new history, so a
+        # failed call leaves the state, and the result and history shown, as they were.
+        def edit_settings(n_steps, txt, img, s, m, progress) -> dict:
+            return dict(num_inference_steps=n_steps, guidance_scale=txt, image_guidance_scale=img, seed=s,
+                        mode=m, callback=progress_callback(progress), progress=False)
 
         @gpu_decorator(duration=120)
         @readable
@@ -598,11 +600,12 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
             if isinstance(src, str) and src.startswith("data:"):
                 src = data_url_bytes(src, max_upload_bytes)
             original = load_upload(src)
-            out, _, chain = edit_step([(None, original)], text, n_steps, txt, img, s, m, progress)
-            # The session keeps a display-sized copy of the original, not a 24-megapixel photo.
+            session = EditSession(model, original, **edit_settings(n_steps, txt, img, s, m, progress))
+            out = session.edit(text)
+            # The state keeps a display-sized copy of the original, not a 24-megapixel photo.
             shown = original.copy()
             shown.thumbnail((1024, 1024))
-            chain[0] = (None, shown)
+            chain = [(None, shown), *session.history[1:]]
             return out, edit_gallery(chain), chain, edit_note(model, original, out)
 
         @gpu_decorator(duration=120)
@@ -610,12 +613,16 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
         def edit_more(chain, text, n_steps, txt, img, s, m, progress=gr.Progress()):  # noqa: B008
             if not chain:
                 raise user_error("nothing to keep editing yet: upload an image and press Edit first")
-            out, gallery_items, chain = edit_step(chain, text, n_steps, txt, img, s, m, progress)
-            return out, gallery_items, chain, f"Result {out.width}x{out.height}: step {len(chain) - 1}."
+            session = EditSession.resume(model, chain, **edit_settings(n_steps, txt, img, s, m, progress))
+            out = session.edit(text)
+            return (out, edit_gallery(session.history), session.history,
+                    f"Result {out.width}x{out.height}: step {len(session.history) - 1}.")
 
         def undo(chain):
-            chain = chain[:-1] if len(chain) > 1 else chain
-            return (chain[-1][1] if chain else None), edit_gallery(chain), chain, ""
+            if not chain:
+                return None, [], [], ""
+            session = EditSession.resume(model, chain)
+            return session.undo(), edit_gallery(session.history), session.history, ""
 
         @gpu_decorator(duration=30)
         @readable

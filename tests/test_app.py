@@ -9,11 +9,13 @@ and the hosted-Space entry point built around a tiny injected model.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.util
 import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -583,6 +585,63 @@ def test_the_app_and_the_cli_load_the_same_checkpoint(monkeypatch, tmp_path, cap
         assert loaded == [] and want in app_says
 
 
+def zero_gpu_stand_in(monkeypatch) -> list[str]:
+    """A stand-in for ZeroGPU's `spaces` package: like the real one, each `@spaces.GPU` call's arguments and
+    result cross a process boundary pickled, so anything the model is not in the process on the other side.
+    Returns the names of the functions it wrapped."""
+    wrapped = []
+
+    def gpu(duration=60):
+        def wrap(fn):
+            wrapped.append(fn.__name__)
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+            return call
+        return wrap
+
+    fake = types.ModuleType("spaces")
+    fake.GPU = gpu
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    return wrapped
+
+
+def test_the_edit_chain_is_plain_data_and_a_failed_edit_changes_nothing(tiny_model, monkeypatch, tmp_path):
+    """The Edit tab's state is `EditSession`'s history, which ZeroGPU can pickle (a session would carry the
+    model), and the tab's three callbacks resume a session around it; a failed edit returns no new state."""
+    import ovis_u1.generation
+
+    zero_gpu_stand_in(monkeypatch)
+    fns = {f.api_name: f.fn for f in app.build_ui(tiny_model, tmp_path / "examples").fns.values() if f.api_name}
+    source = tmp_path / "source.png"
+    one = Image.new("RGB", (48, 32), "green")
+    one.save(source)
+    settings = (1, 3.0, 1.5, 7, "exact")
+    _, _, chain, _ = fns["edit"](str(source), "make it red", *settings)
+    result2, gallery, chain2, note = fns["keep_editing"](chain, "add a square", *settings)
+    assert [t for t, _ in chain2] == [None, "make it red", "add a square"] and len(chain) == 2
+    assert [caption for _, caption in gallery] == ["original", "1. make it red", "2. add a square"]
+    assert all(isinstance(im, Image.Image) for _, im in chain2) and note == "Result 48x32: step 2."
+    want = ovis_u1.generation.EditSession(tiny_model, one, num_inference_steps=1, guidance_scale=3.0,
+                                          image_guidance_scale=1.5, seed=7, progress=False)
+    want.edit("make it red")
+    assert np.array_equal(np.asarray(want.edit("add a square")), np.asarray(result2))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ovis_u1.generation, "edit", out_of_memory)
+    with pytest.raises(gr.Error, match="out of memory"):
+        fns["keep_editing"](chain2, "remove the square", *settings)
+    assert [t for t, _ in chain2] == [None, "make it red", "add a square"]  # the state it was given, intact
+    shown, gallery, chain3, _ = fns["undo_edit"](chain2)
+    assert np.array_equal(np.asarray(shown), np.asarray(chain2[1][1])) and len(chain3) == len(gallery) == 2
+    assert fns["undo_edit"](chain3[:1])[2] == chain3[:1]  # the original is never undone
+    assert fns["undo_edit"]([])[:3] == (None, [], [])
+
+
 def front_matter(path: Path) -> dict:
     text = path.read_text()
     assert text.startswith("---\n")
@@ -602,11 +661,7 @@ def test_space_front_matter():
 
 
 def test_space_entry_point_builds_the_ui_without_a_gpu(tiny_model, monkeypatch):
-    # A stand-in for ZeroGPU's package: the Space must wrap its GPU work in spaces.GPU.
-    wrapped = []
-    fake = types.ModuleType("spaces")
-    fake.GPU = lambda duration=60: (lambda fn: wrapped.append(fn.__name__) or fn)
-    monkeypatch.setitem(sys.modules, "spaces", fake)
+    wrapped = zero_gpu_stand_in(monkeypatch)  # the Space must wrap its GPU work in spaces.GPU
     spec = importlib.util.spec_from_file_location("ovis_u1_space_app", REPO / "spaces" / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # importing loads nothing
