@@ -5,6 +5,8 @@ package's parameter names + tokenizer files. Published layout: `config.json` wit
 sharded `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, `preprocessor_config.json`,
 tokenizer files; parameter names under the published prefixes (PUBLISHED_PREFIXES). Loading is loud: any
 missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming them. Pickle is never read.
+`load_model` is the one loader behind the app, the CLI and the Space: it takes a directory, a hub id, or
+nothing for $OVIS_U1_CHECKPOINT or the shipped model.
 """
 
 from __future__ import annotations
