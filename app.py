@@ -40,14 +40,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ovis_u1 import refiner_insight as insight
-from ovis_u1.checkpoint import CheckpointError
+from ovis_u1.checkpoint import CHECKPOINT_ENV, DEFAULT_MODEL_DIR, CheckpointError, load_model, resolve_checkpoint
+from ovis_u1.generation import EditSession
 from ovis_u1.images import load_image
 from ovis_u1.model import OvisU1
 from ovis_u1.shapes import ShapesWorld
 
 log = logging.getLogger("ovis_u1.app")
-CHECKPOINT_ENV = "OVIS_U1_CHECKPOINT"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WORLD_PRESETS = ("shapes", "tiny")  # models trained on (or sized for) the synthetic shapes world
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
 CUSTOM_SIZE = "custom"
@@ -68,36 +67,6 @@ CSS = """.pixelated img, .pixelated canvas { image-rendering: pixelated; }
 #create-size-note { color: var(--color-accent); }"""  # history captions wrap instead of '1. make the t...'
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])  # local fonts: no web font fetch
-
-
-# ---- loading -----------------------------------------------------------------------------------------
-def resolve_checkpoint(spec: str | None) -> Path | None:
-    """A directory, a hub id (`org/name`, fetched with snapshot_download), or None for the shipped model."""
-    if not spec:
-        return None
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    if not HUB_ID.match(spec):
-        raise CheckpointError(f"checkpoint {spec!r} is neither an existing directory nor a hub id like "
-                              "'AIDC-AI/Ovis-U1-3B'")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(spec))
-    except Exception as e:  # offline, unknown repo, gated, ...: all mean "not available here"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{spec!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {reason[:300]}). Where no hub is reachable, download it elsewhere "
-            f"(`hf download {spec} --local-dir DIR`), copy it here and pass --checkpoint DIR.") from None
-
-
-def load_model(spec: str | None = None, device: str | None = None,
-               dtype: torch.dtype | None = None) -> OvisU1:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return OvisU1.from_pretrained(resolve_checkpoint(spec), device=device, dtype=dtype).eval()
 
 
 # ---- what one request may ask for -------------------------------------------------------------------
@@ -515,7 +484,7 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                                      object_fit="contain", elem_id="create-gallery", elem_classes=pixelated)
 
         with gr.Tab("Edit", id="edit"):
-            edit_state = gr.State([])  # [(instruction or None, PIL image)]: this session's editing chain
+            edit_state = gr.State([])  # this user's EditSession history: [(None, original), (instruction, result), ...]
             with gr.Row():
                 with gr.Column():
                     source = unopened_uploads(gr.Image(ex.edits[0][0], label="Image to edit", height=260,
@@ -615,12 +584,13 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
                                          callback=progress_callback(progress), progress=False)
             return [(im, f"seed {s + k}") for k, im in enumerate(images)]
 
-        def edit_step(chain, text, n_steps, txt, img, s, m, progress):
-            out = model.edit(chain[-1][1], text, num_inference_steps=n_steps, guidance_scale=txt,
-                             image_guidance_scale=img, seed=s, mode=m, callback=progress_callback(progress),
-                             progress=False)[0]
-            chain = [*chain, (text, out)]
-            return out, edit_gallery(chain), chain
+        # The chain lives in `edit_state` as EditSession's history: plain (instruction, image) pairs,
+        # because a ZeroGPU Space pickles a callback's arguments into its GPU process (a session would
+        # carry the model). Each call resumes a session around it and returns the new history, so a
+        # failed call leaves the state, and the result and history shown, as they were.
+        def edit_settings(n_steps, txt, img, s, m, progress) -> dict:
+            return dict(num_inference_steps=n_steps, guidance_scale=txt, image_guidance_scale=img, seed=s,
+                        mode=m, callback=progress_callback(progress), progress=False)
 
         @gpu_decorator(duration=120)
         @readable
@@ -630,11 +600,12 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
             if isinstance(src, str) and src.startswith("data:"):
                 src = data_url_bytes(src, max_upload_bytes)
             original = load_upload(src)
-            out, _, chain = edit_step([(None, original)], text, n_steps, txt, img, s, m, progress)
-            # The session keeps a display-sized copy of the original, not a 24-megapixel photo.
+            session = EditSession(model, original, **edit_settings(n_steps, txt, img, s, m, progress))
+            out = session.edit(text)
+            # The state keeps a display-sized copy of the original, not a 24-megapixel photo.
             shown = original.copy()
             shown.thumbnail((1024, 1024))
-            chain[0] = (None, shown)
+            chain = [(None, shown), *session.history[1:]]
             return out, edit_gallery(chain), chain, edit_note(model, original, out)
 
         @gpu_decorator(duration=120)
@@ -642,12 +613,16 @@ def build_ui(model: OvisU1, examples_dir: str | Path | None = None, title: str =
         def edit_more(chain, text, n_steps, txt, img, s, m, progress=gr.Progress()):  # noqa: B008
             if not chain:
                 raise user_error("nothing to keep editing yet: upload an image and press Edit first")
-            out, gallery_items, chain = edit_step(chain, text, n_steps, txt, img, s, m, progress)
-            return out, gallery_items, chain, f"Result {out.width}x{out.height}: step {len(chain) - 1}."
+            session = EditSession.resume(model, chain, **edit_settings(n_steps, txt, img, s, m, progress))
+            out = session.edit(text)
+            return (out, edit_gallery(session.history), session.history,
+                    f"Result {out.width}x{out.height}: step {len(session.history) - 1}.")
 
         def undo(chain):
-            chain = chain[:-1] if len(chain) > 1 else chain
-            return (chain[-1][1] if chain else None), edit_gallery(chain), chain, ""
+            if not chain:
+                return None, [], [], ""
+            session = EditSession.resume(model, chain)
+            return session.undo(), edit_gallery(session.history), session.history, ""
 
         @gpu_decorator(duration=30)
         @readable
@@ -807,7 +782,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sh
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=os.environ.get(CHECKPOINT_ENV),
+    p.add_argument("--checkpoint", metavar="DIR|ORG/NAME",
                    help=f"checkpoint directory or hub id (default: ${CHECKPOINT_ENV}, else the shipped one)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -844,12 +819,14 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"app.py: {e}")
     try:
-        model = load_model(args.checkpoint, args.device, getattr(torch, args.dtype) if args.dtype else None)
+        path = resolve_checkpoint(args.checkpoint)
+        model = load_model(path, args.device, getattr(torch, args.dtype) if args.dtype else None)
     except (CheckpointError, OSError, ValueError) as e:
         sys.exit(f"app.py: cannot load the model: {e}")
     stop_on_sigterm()
+    shipped = path.resolve() == DEFAULT_MODEL_DIR.resolve()  # its measured figures are shown
     with tempfile.TemporaryDirectory(prefix="ovis_u1_examples_") as examples:
-        demo = build_ui(model, examples, note=capability_note(model, shipped=args.checkpoint is None),
+        demo = build_ui(model, examples, note=capability_note(model, shipped=shipped),
                         max_upload_bytes=max_upload)
         launch(demo, host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size,
                max_queue=args.max_queue)

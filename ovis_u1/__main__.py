@@ -6,9 +6,11 @@
     python -m ovis_u1 answer --image scene.png --question "How many circles?" --question "What colour are they?"
     python -m ovis_u1 answer --image scene.png --chat      # one question per line on stdin, until EOF
 
-The model is the shipped default (`OvisU1.from_pretrained()`) unless `--checkpoint DIR` names another;
-`--preset NAME` builds a randomly initialised one instead, for trying the commands out. Bad input
-(missing or corrupt image, bad number, missing checkpoint) prints one line to stderr and exits with 2.
+The model is loaded as the web app loads it (`ovis_u1.checkpoint.load_model`): `--checkpoint` names a
+directory or a hub id (`AIDC-AI/Ovis-U1-3B`, fetched with huggingface_hub); without it, $OVIS_U1_CHECKPOINT,
+else the shipped default model. `--preset NAME` builds a randomly initialised one instead, for trying the
+commands out. Bad input (missing or corrupt image, bad number, missing checkpoint, a hub id that cannot
+be fetched) prints one line to stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINT_ENV, CheckpointError, default_dtype, load_model
 from .config import PRESETS
 from .generation import MAX_IMAGES_PER_CALL as MAX_IMAGES
 from .generation import MODES
@@ -44,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     model = _Parser(add_help=False)
     g = model.add_argument_group("model")
-    g.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: the shipped model)")
+    g.add_argument("--checkpoint", metavar="DIR|ORG/NAME",
+                   help=f"checkpoint directory or hub id (default: ${CHECKPOINT_ENV}, else the shipped model)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="a randomly initialised model of this preset")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
@@ -82,21 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(args):
-    from .model import OvisU1
-
+def model_from_args(args):
+    """The model the arguments name: a checkpoint through the shared loader, or a random preset."""
     if args.checkpoint and args.preset:
         raise UsageError("give --checkpoint or --preset, not both")
     device = parse_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cpu_offload and device.type != "cuda":
         raise UsageError("--cpu-offload needs a CUDA device")
-    load_device = "cpu" if args.cpu_offload else device
+    # Offloading loads into CPU RAM, in the dtype the GPU will run.
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    load_device = torch.device("cpu") if args.cpu_offload else device
     if args.preset:
-        model = OvisU1.from_preset(args.preset, device=load_device, dtype=dtype)
+        from .model import OvisU1
+        model = OvisU1.from_preset(args.preset, device=load_device, dtype=dtype).eval()
     else:
-        model = OvisU1.from_pretrained(args.checkpoint, device=load_device, dtype=dtype)
-    model.eval()
+        model = load_model(args.checkpoint, device=load_device, dtype=dtype)
     if args.cpu_offload:
         from .acceleration import enable_cpu_offload
         enable_cpu_offload(model, device)
@@ -178,7 +181,7 @@ def run(args) -> None:
     check_args(args)
     if args.command == "edit":
         source = read_image(args.image)  # before the model loads: a bad file fails in a second
-        model = load_model(args)
+        model = model_from_args(args)
         images = model.edit(source, args.instruction, num_inference_steps=args.steps,
                             guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
                             seed=args.seed, num_images_per_prompt=args.num_images, mode=args.mode,
@@ -186,7 +189,7 @@ def run(args) -> None:
         for path in save_images(images, args.out, "edit", args.seed):
             print(path)
     elif args.command == "generate":
-        model = load_model(args)
+        model = model_from_args(args)
         images = model.text_to_image(args.prompt, height=args.height, width=args.width,
                                      num_inference_steps=args.steps, guidance_scale=args.guidance,
                                      seed=args.seed, num_images_per_prompt=args.num_images, mode=args.mode,
@@ -197,7 +200,7 @@ def run(args) -> None:
         if not args.question and not args.chat:
             raise UsageError("answer needs --question (repeat it for a conversation) or --chat")
         images = [read_image(p) for p in args.image]
-        model = load_model(args)
+        model = model_from_args(args)
         from .chat import ChatSession
         chat = ChatSession(model, images, max_new_tokens=args.max_new_tokens)
         for question in _questions(args):

@@ -5,6 +5,8 @@ package's parameter names + tokenizer files. Published layout: `config.json` wit
 sharded `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, `preprocessor_config.json`,
 tokenizer files; parameter names under the published prefixes (PUBLISHED_PREFIXES). Loading is loud: any
 missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming them. Pickle is never read.
+`load_model` is the one loader behind the app, the CLI and the Space: it takes a directory, a hub id, or
+nothing for $OVIS_U1_CHECKPOINT or the shipped model.
 """
 
 from __future__ import annotations
@@ -502,6 +504,53 @@ def _load_tokenizer(path: Path):
     except Exception as e:  # the tokenizers library reports a bad file as a bare Exception
         raise CheckpointError(f"{path / 'tokenizer.json'} is not a usable tokenizer: "
                               f"{' '.join(str(e).split())[:300]}") from e
+
+
+# ---- naming a model: the one loader behind the app, the CLI and the Space ----------------------------------
+CHECKPOINT_ENV = "OVIS_U1_CHECKPOINT"  # what the app and the CLI load when no checkpoint is named
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # 'AIDC-AI/Ovis-U1-3B'
+
+
+def resolve_checkpoint(spec: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory `spec` names: an existing directory as it is; a hub id (`org/name`)
+    fetched with huggingface_hub's `snapshot_download` (into its cache, which later calls read); nothing:
+    $OVIS_U1_CHECKPOINT when set, else the shipped default model."""
+    spec = spec or os.environ.get(CHECKPOINT_ENV) or None
+    if spec is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.match(str(spec)):
+        raise CheckpointError(f"checkpoint {str(spec)!r} is neither an existing directory nor a hub id like "
+                              "'AIDC-AI/Ovis-U1-3B'")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(spec)))
+    except Exception as e:  # offline, unknown repo, gated, ...: all mean "not available here"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{str(spec)!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {reason[:300]}). Where no hub is reachable, download it elsewhere "
+            f"(`hf download {spec} --local-dir DIR`), copy it here and load that directory "
+            "(--checkpoint DIR).") from None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (half float32's memory: the published model fits one GPU), float32 elsewhere
+    (CPUs without bfloat16 units run it slower than float32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None):
+    """The model `spec` names (see `resolve_checkpoint`: a directory, a hub id, or nothing for
+    $OVIS_U1_CHECKPOINT or the shipped model), on `device` (default: CUDA when available, else the CPU)
+    in `dtype` (default: `default_dtype`), ready for inference."""
+    from .model import OvisU1
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return OvisU1.from_pretrained(resolve_checkpoint(spec), device=device,
+                                  dtype=dtype or default_dtype(device)).eval()
 
 
 # ---- the gate: what a checkpoint folder may hold ------------------------------------------------------------

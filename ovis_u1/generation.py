@@ -445,6 +445,25 @@ class EditSession:
         self.model, self.kwargs = model, edit_kwargs
         self.history: list[tuple[str | None, Image.Image]] = [(None, load_image(image))]
 
+    @classmethod
+    def resume(cls, model, history, **edit_kwargs) -> EditSession:
+        """A session that goes on from `history`, another session's: `[(None, original), (instruction,
+        result), ...]`. For a history kept apart from the model, as the web app keeps each user's in
+        Gradio state, which a ZeroGPU Space pickles into every GPU call and so must not hold the model.
+        The session edits and undoes its own copy of the list."""
+        turns = [tuple(t) if isinstance(t, (tuple, list)) else t for t in history]
+        if not turns or not isinstance(turns[0], tuple) or len(turns[0]) != 2 or turns[0][0] is not None:
+            raise ValueError("an edit history starts with (None, original image); got "
+                             f"{'an empty one' if not turns else repr(turns[0])[:80]}")
+        for k, turn in enumerate(turns[1:], 1):
+            if not (isinstance(turn, tuple) and len(turn) == 2 and isinstance(turn[0], str)
+                    and isinstance(turn[1], Image.Image)):
+                raise ValueError(f"edit history entry {k} must be (instruction text, PIL image), got "
+                                 f"{repr(turn)[:80]}")
+        session = cls(model, turns[0][1], **edit_kwargs)
+        session.history += turns[1:]
+        return session
+
     @property
     def current(self) -> Image.Image:
         return self.history[-1][1]

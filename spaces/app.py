@@ -16,22 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # First on the path, ahead of this file's own folder: `import app` must find the main app, not this file.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
-import app  # noqa: E402  (the main app: build_ui, load_model, launch)
+import app  # noqa: E402  (the main app: build_ui, launch)
+from ovis_u1.checkpoint import CHECKPOINT_ENV, load_model  # noqa: E402  (the app's and the CLI's loader)
 
-MODEL_ENV = app.CHECKPOINT_ENV
+MODEL_ENV = CHECKPOINT_ENV
 MODEL_ID = os.environ.get(MODEL_ENV, "AIDC-AI/Ovis-U1-3B")
 
 
-def load_model():
+def load_published_model():
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("this Space needs a GPU; pick one in the Space settings (see README.md)")
     # On ZeroGPU the model is placed on CUDA at start-up; `spaces` attaches a GPU to each @spaces.GPU call.
-    return app.load_model(MODEL_ID, device="cuda", dtype=torch.bfloat16)
+    return load_model(MODEL_ID, device="cuda", dtype=torch.bfloat16)
 
 
 def create_demo(model=None):
-    return app.build_ui(model if model is not None else load_model(), title="Ovis-U1-3B")
+    return app.build_ui(model if model is not None else load_published_model(), title="Ovis-U1-3B")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """The web demo end to end: `python app.py` in a subprocess, driven with gradio_client.
 
-Every named endpoint is called and its output compared with the package called directly on the same
-model; concurrent sessions must not mix; bad input must come back as a readable message while the server
-keeps serving. Plus the parts that need no server: checkpoint resolution, size presets, error conversion,
-and the hosted-Space entry point built around a tiny injected model.
+What is the app's own: each named endpoint passes its arguments to the package (its output equals the
+package's, called directly on the same model), progress and streaming reach the client, sessions keep their
+own state and never mix, bad input comes back as a readable message naming the field while the server keeps
+serving, uploads are bounded and cleaned up. What the images or answers are is the package's to test
+(test_generation_and_chat.py). Plus the parts that need no server: the edit chain's state across a ZeroGPU
+call, size presets, error conversion, the loader shared with the CLI, and the hosted-Space entry point
+built around a tiny injected model.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.util
 import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -31,8 +36,11 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from ovis_u1.checkpoint import CheckpointError
+from ovis_u1 import checkpoint
+from ovis_u1.__main__ import main as cli
+from ovis_u1.checkpoint import CheckpointError, load_model
 from ovis_u1.generation import edit_size
+from ovis_u1.model import OvisU1
 from ovis_u1.shapes import ShapesWorld
 from tests._app_server import REPO, shared_app, start_app
 from tests.web_battery import data_url, one_colour_png, png_header_only, raw_call, upload
@@ -61,7 +69,7 @@ def new_client(server) -> Client:
 @pytest.fixture(scope="module")
 def reference():
     """The server's model, loaded the same way in this process, to compare outputs with."""
-    return app.load_model(os.environ.get(app.CHECKPOINT_ENV), device="cpu", dtype=torch.float32)
+    return load_model(device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -237,24 +245,14 @@ def test_eight_concurrent_requests_from_separate_sessions(server, client, refere
     assert server.alive()
 
 
-@pytest.mark.parametrize("call, needle", [
-    (lambda c, f: c.predict(handle_file(f["broken"]), "make the circle blue", STEPS, 3.0, 1.5, 1, "exact",
-                            api_name="/edit"), "'broken.png' is not a readable image"),
-    (lambda c, f: c.predict({"text": "What is this?", "files": [handle_file(f["broken"])]}, 8,
-                            api_name="/chat"), "'broken.png' is not a readable image"),
-    (lambda c, f: c.predict("a red circle", 100000, 64, STEPS, 3.0, 1, 1, "exact", api_name="/text_to_image"),
-     "100000"),
-    (lambda c, f: c.predict("   ", 64, 64, STEPS, 3.0, 1, 1, "exact", api_name="/text_to_image"),
-     "non-empty"),
-    (lambda c, f: c.predict("make it red", STEPS, 3.0, 1.5, 1, "exact", api_name="/keep_editing"),
-     "nothing to keep editing"),
-])
-def test_bad_input_gives_a_readable_error_and_the_server_keeps_serving(server, shapes, call, needle):
+def test_a_broken_upload_gives_a_readable_error_and_the_server_keeps_serving(server, shapes):
+    """Through gradio_client as a user's script would call it; every other refusal is checked below, raw."""
     c = new_client(server)
     with pytest.raises(AppError) as err:
-        call(c, shapes)
+        c.predict(handle_file(shapes["broken"]), "make the circle blue", STEPS, 3.0, 1.5, 1, "exact",
+                  api_name="/edit")
     message = str(err.value)
-    assert needle in message
+    assert "'broken.png' is not a readable image" in message
     assert "Traceback" not in message and "/tmp/" not in message
     (item,) = c.predict("a red circle", 64, 64, 1, 3.0, 1, 1, "exact", api_name="/text_to_image")
     assert Image.open(item["image"]).size == (64, 64)
@@ -491,10 +489,7 @@ def test_images_are_refused_by_their_header_before_any_decoding(tmp_path):
         app.data_url_bytes(data_url(os.urandom(2 * 2**20)), 2**20)
 
 
-def test_edit_note_says_the_result_size_and_why(reference):
-    big, small = Image.new("RGB", (4000, 3000)), Image.new("RGB", (64, 48))
-    assert app.edit_note(reference, big, small).startswith("Result 64x48: the 4000x3000 input was scaled down")
-    assert app.edit_note(reference, small, small) == "Result 64x48, the size of the input."
+def test_a_size_the_model_never_drew_is_warned_about(reference):
     assert app.size_note(reference, 64, 64) == ""
     assert "learned to draw at 64x64 only" in app.size_note(reference, 128, 128)
 
@@ -532,20 +527,109 @@ def test_readable_turns_exceptions_into_messages():
         next(gen)
 
 
-def test_an_unreachable_hub_id_fails_with_a_clear_message(monkeypatch, capsys):
+@pytest.mark.parametrize("argv, env, want", [
+    ([], None, "shipped"),
+    ([], "saved", "saved"),
+    (["--checkpoint", "saved"], None, "saved"),
+    (["--checkpoint", "some-org/some-model"], None, "hub/some-org--some-model"),
+    (["--checkpoint", "offline-org/some-model"], None, "could not be fetched from the Hugging Face Hub"),
+    (["--checkpoint", "no/such/dir"], None, "is neither an existing directory nor a hub id"),
+])
+def test_the_app_and_the_cli_load_the_same_checkpoint(monkeypatch, tmp_path, capsys, argv, env, want):
+    """Both entry points load through `ovis_u1.checkpoint.load_model`: the default, $OVIS_U1_CHECKPOINT, a
+    directory and a hub id (fetched) name the same checkpoint, and a bad one fails with the same message."""
     import huggingface_hub
 
-    def offline(repo_id, **kwargs):
-        raise OSError("Name or service not known")
+    (tmp_path / "saved").mkdir()
+    argv = [str(tmp_path / a) if a == "saved" else a for a in argv]
+    monkeypatch.delenv(checkpoint.CHECKPOINT_ENV, raising=False)
+    if env:
+        monkeypatch.setenv(checkpoint.CHECKPOINT_ENV, str(tmp_path / env))
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face Hub"):
-        app.resolve_checkpoint("some-org/some-model")
-    with pytest.raises(CheckpointError, match="neither an existing directory nor a hub id"):
-        app.resolve_checkpoint("no/such/dir")
+    def download(repo_id, **kwargs):
+        if repo_id.startswith("offline-"):
+            raise OSError("Name or service not known")
+        folder = tmp_path / "hub" / repo_id.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    loaded = []
+
+    def from_pretrained(cls, path=None, device="cpu", dtype=None):
+        loaded.append((Path(path), torch.device(device), dtype))
+        raise CheckpointError("recorded")  # the test needs the path only, not a model
+
+    monkeypatch.setattr(OvisU1, "from_pretrained", classmethod(from_pretrained))
     with pytest.raises(SystemExit) as done:
-        app.main(["--checkpoint", "some-org/some-model"])
-    assert "cannot load the model" in str(done.value) and "--checkpoint DIR" in str(done.value)
+        app.main([*argv, "--device", "cpu"])
+    app_says = str(done.value).removeprefix("app.py: cannot load the model: ")
+    code = cli(["answer", "--question", "Hi?", "--device", "cpu", *argv])
+    cli_says = capsys.readouterr().err.strip().removeprefix("error: ")
+    assert code == 2 and cli_says == " ".join(app_says.split())
+    if want == "shipped":
+        assert loaded == [(checkpoint.DEFAULT_MODEL_DIR, torch.device("cpu"), torch.float32)] * 2
+    elif app_says == "recorded":
+        assert loaded == [(tmp_path / want, torch.device("cpu"), torch.float32)] * 2
+    else:
+        assert loaded == [] and want in app_says
+
+
+def zero_gpu_stand_in(monkeypatch) -> list[str]:
+    """A stand-in for ZeroGPU's `spaces` package: like the real one, each `@spaces.GPU` call's arguments and
+    result cross a process boundary pickled, so anything the model is not in the process on the other side.
+    Returns the names of the functions it wrapped."""
+    wrapped = []
+
+    def gpu(duration=60):
+        def wrap(fn):
+            wrapped.append(fn.__name__)
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+            return call
+        return wrap
+
+    fake = types.ModuleType("spaces")
+    fake.GPU = gpu
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    return wrapped
+
+
+def test_the_edit_chain_is_plain_data_and_a_failed_edit_changes_nothing(tiny_model, monkeypatch, tmp_path):
+    """The Edit tab's state is `EditSession`'s history, which ZeroGPU can pickle (a session would carry the
+    model), and the tab's three callbacks resume a session around it; a failed edit returns no new state."""
+    import ovis_u1.generation
+
+    zero_gpu_stand_in(monkeypatch)
+    fns = {f.api_name: f.fn for f in app.build_ui(tiny_model, tmp_path / "examples").fns.values() if f.api_name}
+    source = tmp_path / "source.png"
+    one = Image.new("RGB", (48, 32), "green")
+    one.save(source)
+    settings = (1, 3.0, 1.5, 7, "exact")
+    _, _, chain, _ = fns["edit"](str(source), "make it red", *settings)
+    result2, gallery, chain2, note = fns["keep_editing"](chain, "add a square", *settings)
+    assert [t for t, _ in chain2] == [None, "make it red", "add a square"] and len(chain) == 2
+    assert [caption for _, caption in gallery] == ["original", "1. make it red", "2. add a square"]
+    assert all(isinstance(im, Image.Image) for _, im in chain2) and note == "Result 48x32: step 2."
+    want = ovis_u1.generation.EditSession(tiny_model, one, num_inference_steps=1, guidance_scale=3.0,
+                                          image_guidance_scale=1.5, seed=7, progress=False)
+    want.edit("make it red")
+    assert np.array_equal(np.asarray(want.edit("add a square")), np.asarray(result2))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ovis_u1.generation, "edit", out_of_memory)
+    with pytest.raises(gr.Error, match="out of memory"):
+        fns["keep_editing"](chain2, "remove the square", *settings)
+    assert [t for t, _ in chain2] == [None, "make it red", "add a square"]  # the state it was given, intact
+    shown, gallery, chain3, _ = fns["undo_edit"](chain2)
+    assert np.array_equal(np.asarray(shown), np.asarray(chain2[1][1])) and len(chain3) == len(gallery) == 2
+    assert fns["undo_edit"](chain3[:1])[2] == chain3[:1]  # the original is never undone
+    assert fns["undo_edit"]([])[:3] == (None, [], [])
 
 
 def front_matter(path: Path) -> dict:
@@ -567,11 +651,7 @@ def test_space_front_matter():
 
 
 def test_space_entry_point_builds_the_ui_without_a_gpu(tiny_model, monkeypatch):
-    # A stand-in for ZeroGPU's package: the Space must wrap its GPU work in spaces.GPU.
-    wrapped = []
-    fake = types.ModuleType("spaces")
-    fake.GPU = lambda duration=60: (lambda fn: wrapped.append(fn.__name__) or fn)
-    monkeypatch.setitem(sys.modules, "spaces", fake)
+    wrapped = zero_gpu_stand_in(monkeypatch)  # the Space must wrap its GPU work in spaces.GPU
     spec = importlib.util.spec_from_file_location("ovis_u1_space_app", REPO / "spaces" / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # importing loads nothing

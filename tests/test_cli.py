@@ -1,4 +1,9 @@
-"""The command line, run in-process through `main(argv)` on a random tiny model."""
+"""The command line, run in-process through `main(argv)` on a random tiny model.
+
+What is the CLI's own: flags reach the package call, images land in files named by seed, answers on stdout,
+every mistake one line on stderr with exit code 2, and a checkpoint named as the app names it. What the
+images and answers are is the package's to test (test_generation_and_chat.py).
+"""
 
 from __future__ import annotations
 
@@ -29,34 +34,56 @@ def assert_one_line_error(err: str, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
-def test_generate(tmp_path, capsys):
+@pytest.fixture
+def calls(monkeypatch):
+    """What each model method the CLI called was given, the call itself running as usual: the flags'
+    effect on images is the package's to test (test_generation_and_chat.py), their plumbing the CLI's."""
+    from ovis_u1 import OvisU1
+    seen = {}
+
+    def spy(name):
+        real = getattr(OvisU1, name)
+
+        def call(self, *args, **kwargs):
+            seen[name] = (args, kwargs)
+            return real(self, *args, **kwargs)
+        return call
+
+    for name in ("text_to_image", "edit"):
+        monkeypatch.setattr(OvisU1, name, spy(name))
+    return seen
+
+
+def test_generate(tmp_path, capsys, calls):
     code, out, err = run(capsys, "generate", *TINY, "--prompt", "a red circle", "--prompt", "a blue square",
-                         "--steps", "1", "--seed", "3", "--height", "48", "--out", str(tmp_path))
+                         "--steps", "1", "--seed", "3", "--height", "48", "--guidance", "2.5", "--num-images",
+                         "2", "--mode", "fast", "--out", str(tmp_path))
     assert code == 0, err
-    paths = [Path(p) for p in out.split()]
-    assert [p.name for p in paths] == ["generate-seed3.png", "generate-seed4.png"]
+    args, kwargs = calls["text_to_image"]
+    assert args == (["a red circle", "a blue square"],)
+    assert kwargs == dict(height=48, width=None, num_inference_steps=1, guidance_scale=2.5, seed=3,
+                          num_images_per_prompt=2, mode="fast", progress=False)
+    paths = [Path(p) for p in out.split()]  # image k of the call has seed 3 + k
+    assert [p.name for p in paths] == [f"generate-seed{s}.png" for s in (3, 4, 5, 6)]
     for p in paths:
         with Image.open(p) as im:
             assert im.size == (64, 48) and im.mode == "RGB"
 
 
-def test_generate_fast_mode_and_several_images(tmp_path, capsys):
-    code, out, _ = run(capsys, "generate", *TINY, "--prompt", "a red circle", "--num-images", "2",
-                       "--mode", "fast", "--out", str(tmp_path))
-    assert code == 0
-    assert len(out.split()) == 2 and all(Path(p).exists() for p in out.split())
-
-
-def test_edit(tmp_path, capsys):
+def test_edit(tmp_path, capsys, calls):
     src = tmp_path / "in.png"
     random_image(40, 72).save(src)
     code, out, err = run(capsys, "edit", *TINY, "--image", str(src), "--instruction", "make it red",
                          "--steps", "1", "--image-guidance", "1.2", "--out", str(tmp_path / "out"))
     assert code == 0, err
+    (image, instructions), kwargs = calls["edit"]
+    assert image.size == (72, 40) and instructions == ["make it red"]
+    assert kwargs == dict(num_inference_steps=1, guidance_scale=None, image_guidance_scale=1.2, seed=42,
+                          num_images_per_prompt=1, mode="exact", progress=False)
     (path,) = out.split()
     assert Path(path).name == "edit-seed42.png"
     with Image.open(path) as im:
-        assert im.mode == "RGB" and im.width > im.height  # the output keeps the input's orientation
+        assert im.mode == "RGB"
 
 
 def test_answer_plain_and_streamed(tmp_path, capsys):
@@ -76,13 +103,13 @@ def test_answer_plain_and_streamed(tmp_path, capsys):
 def test_answer_conversation_and_chat(tmp_path, capsys, monkeypatch):
     import io
 
-    from ovis_u1 import OvisU1
+    from ovis_u1.checkpoint import load_model
     from ovis_u1.shapes import random_scene
     src = tmp_path / "scene.png"
     random_scene(np.random.default_rng(3)).render().save(src)
     # The shipped model, so the answers are words (a random tiny model's can be empty, which would let a
     # CLI that drops the history pass): the second answer must come from the two-turn conversation.
-    model = OvisU1.from_pretrained().eval()
+    model = load_model(device="cpu")  # what the CLI loads without --checkpoint
     image = Image.open(src).convert("RGB")
     first = model.answer("How many objects are there?", images=[image])
     second = model.answer("What color is the largest object?", images=[image],
@@ -119,12 +146,42 @@ def test_missing_image_file(tmp_path, capsys):
     assert_one_line_error(err, "does not exist")
 
 
+def test_a_hub_id_is_fetched_and_loaded(tmp_path, capsys, monkeypatch):
+    """`--checkpoint org/name` goes through the loader the app uses (which test_app.py checks resolves every
+    spec as the CLI does); here the whole command runs on what the fetch returned."""
+    import huggingface_hub
+    asked = []
+
+    def download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(ovis_u1.checkpoint.DEFAULT_MODEL_DIR)  # stands in for the hub cache's copy
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    code, out, err = run(capsys, "generate", "--checkpoint", "some-org/shapes-model", "--device", "cpu", "--quiet",
+                         "--prompt", "a red circle", "--steps", "1", "--out", str(tmp_path))
+    assert code == 0, err
+    assert asked == ["some-org/shapes-model"]
+    with Image.open(out.strip()) as im:
+        assert im.size == (64, 64)  # the shipped shapes model's size, so its config was the one loaded
+
+    def offline(repo_id, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    code, out, err = run(capsys, "generate", "--checkpoint", "some-org/shapes-model", "--device", "cpu",
+                         "--prompt", "a cat")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "'some-org/shapes-model' is not a local directory and could not be fetched",
+                          "Name or service not known", "--checkpoint DIR")
+
+
 def test_missing_checkpoints(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path / "nowhere"), "--device", "cpu",
                        "--prompt", "a cat")
     assert code == 2
-    assert_one_line_error(err, "does not exist")
+    assert_one_line_error(err, "nowhere' is neither an existing directory nor a hub id")
     # No --checkpoint: the shipped default model, here made to be missing.
+    monkeypatch.delenv(ovis_u1.checkpoint.CHECKPOINT_ENV, raising=False)
     monkeypatch.setattr(ovis_u1.checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     code, _, err = run(capsys, "answer", "--device", "cpu", "--question", "Hi?")
     assert code == 2

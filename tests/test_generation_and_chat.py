@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 
@@ -263,6 +264,21 @@ def test_edit_session_refuses_latent_output(tiny_model, photo):
     with pytest.raises(ValueError, match="output_type must be 'pil', got 'latent'"):
         session.edit("make it red", output_type="latent")
     assert len(session.history) == 1  # nothing half-done was kept
+
+
+def test_edit_session_resumes_a_history_kept_elsewhere(tiny_model, photo):
+    session = EditSession(tiny_model, photo, num_inference_steps=1, progress=False, seed=4)
+    first = session.edit("make it red")
+    kept = [list(turn) for turn in session.history]  # as plain data, e.g. from a web app's state
+    resumed = EditSession.resume(tiny_model, kept, num_inference_steps=1, progress=False, seed=4)
+    second = resumed.edit("now add a blue star")
+    assert np.array_equal(np.asarray(second), np.asarray(session.edit("now add a blue star")))
+    assert len(kept) == 2 and resumed.undo() is first  # the session works on its own copy
+    for bad, needle in [([], "starts with (None, original image); got an empty one"),
+                        ([("make it red", first)], "starts with (None, original image)"),
+                        ([(None, photo), ("make it red", "out.png")], "entry 1 must be (instruction text, PIL")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            EditSession.resume(tiny_model, bad)
 
 
 # ---- understanding ------------------------------------------------------------------------------------
