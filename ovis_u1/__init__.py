@@ -4,7 +4,7 @@
 `ovis_u1.shapes`) does not pull in transformers and diffusers.
 """
 
-__all__ = ["ChatSession", "EditSession", "OvisU1", "OvisU1Config", "get_preset"]
+__all__ = ["ChatSession", "EditSession", "OvisU1", "OvisU1Config", "get_preset", "load_model"]
 
 
 def __getattr__(name):
@@ -17,6 +17,9 @@ def __getattr__(name):
     if name == "EditSession":
         from .generation import EditSession
         return EditSession
+    if name == "load_model":
+        from .checkpoint import load_model
+        return load_model
     if name in ("OvisU1Config", "get_preset"):
         from . import config
         return getattr(config, name)

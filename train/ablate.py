@@ -288,7 +288,8 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
                             seed=0, data_seed=0, settings=settings, threads=threads, log=log)
     changes = ARM_CONFIG.get((study, arm), {})
     fresh = fresh_components(study, "run", settings)
-    final = train_part(paths.runs / study / f"{arm}_seed{seed}", stages[arm], source, fresh, changes, seed=seed, data_seed=100 + seed, settings=settings, threads=threads, log=log)
+    final = train_part(paths.runs / study / f"{arm}_seed{seed}", stages[arm], source, fresh, changes,
+                       seed=seed, data_seed=100 + seed, settings=settings, threads=threads, log=log)
     t_train = time.perf_counter() - t0
     from ovis_u1.model import OvisU1
     torch.set_num_threads(threads)
