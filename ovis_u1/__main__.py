@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_ENV, CheckpointError, default_dtype, load_model
+from .checkpoint import CHECKPOINT_ENV, CheckpointError, checked_device, default_dtype, load_model
 from .config import PRESETS
 from .generation import MAX_IMAGES_PER_CALL as MAX_IMAGES
 from .generation import MODES
@@ -109,29 +109,15 @@ def model_from_args(args):
     return model
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
 MAX_SEED = 2**63 - 1  # seed + k seeds a torch generator, which takes up to 64 bits
 
 
 def parse_device(text: str | None) -> torch.device:
     """--device as a torch.device that exists here, or a UsageError saying what is allowed."""
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    allowed = "cpu, cuda, cuda:N (N a GPU index) or mps"
-    kind, _, index = text.partition(":")
-    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (index and kind != "cuda"):
-        raise UsageError(f"--device {text!r} is not a device; use {allowed}")
-    device = torch.device(text)
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"--device {text} but no CUDA device is available")
-        if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {text} but this machine has {count} CUDA device(s): cuda:0 to "
-                             f"cuda:{count - 1}")
-    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {text} but no MPS device is available")
-    return device
+    try:
+        return checked_device(text, label="--device")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_args(args) -> None:

@@ -542,13 +542,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def checked_device(device: str | torch.device | None, label: str = "device") -> torch.device:
+    """`device` as a torch.device that exists on this machine (None: CUDA when available, else the CPU), or a
+    ValueError saying what is allowed."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device)
+    allowed = "cpu, cuda, cuda:N (N a GPU index) or mps"
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise ValueError(f"{label} {text!r} is not a device; use {allowed}")
+    device = torch.device(text)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{label} {text} but no CUDA device is available")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{label} {text} but this machine has {count} CUDA device(s): cuda:0 to "
+                             f"cuda:{count - 1}")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{label} {text} but no MPS device is available")
+    return device
+
+
 def load_model(spec: str | os.PathLike | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None):
     """The model `spec` names (see `resolve_checkpoint`: a directory, a hub id, or nothing for
     $OVIS_U1_CHECKPOINT or the shipped model), on `device` (default: CUDA when available, else the CPU)
     in `dtype` (default: `default_dtype`), ready for inference."""
     from .model import OvisU1
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checked_device(device)
     return OvisU1.from_pretrained(resolve_checkpoint(spec), device=device,
                                   dtype=dtype or default_dtype(device)).eval()
 

@@ -575,6 +575,14 @@ def test_the_app_and_the_cli_load_the_same_checkpoint(monkeypatch, tmp_path, cap
         assert loaded == [] and want in app_says
 
 
+
+@pytest.mark.parametrize("device", ["bogus", "cpu:1", "cuda:abc"])
+def test_a_bad_device_is_one_line_naming_what_is_allowed(device):
+    with pytest.raises(SystemExit) as done:  # before any model is loaded
+        app.main(["--device", device])
+    assert str(done.value) == (f"app.py: cannot load the model: device {device!r} is not a device; "
+                               "use cpu, cuda, cuda:N (N a GPU index) or mps")
+
 def zero_gpu_stand_in(monkeypatch) -> list[str]:
     """A stand-in for ZeroGPU's `spaces` package: like the real one, each `@spaces.GPU` call's arguments and
     result cross a process boundary pickled, so anything the model is not in the process on the other side.
