@@ -1,4 +1,5 @@
-"""Saving and loading: own format, the published Ovis-U1 layout, loud errors and atomic saves."""
+"""Saving and loading: own format, the published Ovis-U1 layout, loud errors and atomic saves, and the
+migration of pre-parity checkpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import patches_of, random_image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +19,7 @@ from ovis_u1.checkpoint import CheckpointError, config_from_published, config_to
 from ovis_u1.config import get_preset
 from ovis_u1.decoder import latent_ids, pack_latents
 from ovis_u1.model import OvisU1
+from ovis_u1.prompts import INDICATOR_IDS
 
 IMAGE = random_image(40, 72, seed=11)
 
@@ -691,3 +693,32 @@ def test_a_crash_between_the_swaps_renames_is_recoverable(tiny_model, make_tiny,
     assert torch.equal(OvisU1.from_pretrained(path).vte.weight, other.vte.weight)
     assert (path / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ---- migrating a checkpoint written before the parity fixes (train/migrate_checkpoint.py) ---------------
+def test_migrating_a_pre_parity_checkpoint_keeps_its_outputs(make_tiny):
+    """train.migrate_checkpoint: the refiner reads the new condition order, indicators their new rows, and
+    visual tokens keep their embeddings (the given-up word had almost no probability on the images)."""
+    from train.migrate_checkpoint import migrate
+    old = make_tiny()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    images = [random_image(32, 32, seed=s) for s in range(3)]
+    new, lost = migrate(old, images)
+    d = old.config.llm.hidden_size
+    cond_new = torch.randn(2, 5, 2 * d, generator=torch.Generator().manual_seed(1))  # [h[-1], h[-2]]
+    cond_old = torch.cat([cond_new[..., d:], cond_new[..., :d]], dim=-1)  # what the old code built
+    with torch.no_grad():
+        a, b = old.refiner(cond_old), new.refiner(cond_new)
+    torch.testing.assert_close(b.tokens, a.tokens, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.cls, a.cls, rtol=0, atol=1e-5)
+    v = old.vte.num_embeddings
+    for k in range(len(INDICATOR_IDS)):  # old row V-4+k is new row V-5+k
+        assert torch.equal(new.vte.weight[v - 5 + k], old.vte.weight[v - 4 + k])
+    patches, grids = patches_of(old, images[0])
+    with torch.no_grad():
+        e_old = old.visual_tokens(patches, grids) @ old.vte.weight
+        e_new = new.visual_tokens(patches, grids) @ new.vte.weight
+    assert lost < 0.05
+    torch.testing.assert_close(e_new, e_old, rtol=0, atol=lost * 20 + 1e-5)
