@@ -1,4 +1,4 @@
-"""The ablation studies: a refiner without blocks (depth 0) trains and changes what the decoder gets; the
+"""The ablation studies: a model whose refiner has no blocks (depth 0) trains and generates; the
 study driver composes, trains, scores, skips finished runs and resumes a killed one; the statistics on data
 with known answers; notebook 06 runs from the committed results. Tiny preset, a few steps."""
 
@@ -17,10 +17,8 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from ovis_u1.ablation import RefinerBypass
-from ovis_u1.config import RefinerConfig, get_preset
+from ovis_u1.config import get_preset
 from ovis_u1.model import OvisU1
-from ovis_u1.refiner import TokenRefiner
 from train import ablation_stats as st
 from train.ablate import Paths, Settings, compose_init, rescore, run_studies, study_stages
 from train.config import resolve
@@ -28,30 +26,6 @@ from train.trainer import latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STUDY = dict(step_scale=0.004, batch_scale=0.25, n_geneval=6, n_loss=7, n_vqa=12)
-
-
-# ---- the config field --------------------------------------------------------------------------------------
-def test_refiner_without_blocks_hands_over_the_projection_and_its_mean():
-    torch.manual_seed(0)
-    refiner = TokenRefiner(RefinerConfig(in_dim=16, hidden_size=8, num_heads=2, depth=0))
-    names = {n for n, _ in refiner.named_parameters()}
-    assert names == {"input_embedder.weight", "input_embedder.bias"}  # no gates, no CLS left untrained
-    x = torch.randn(2, 5, 16)
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    out = refiner(x, mask, return_attention=True)
-    h = refiner.input_embedder(x)
-    assert torch.equal(out.tokens, h)
-    torch.testing.assert_close(out.cls, torch.stack([h[0].mean(0), h[1, :3].mean(0)]))
-    assert out.gates == [] and out.attention == []
-    # Padding does not move the pooled vector; without a mask every token counts.
-    x2 = x.clone()
-    x2[1, 3:] = 100.0
-    torch.testing.assert_close(refiner(x2, mask).cls, out.cls)
-    torch.testing.assert_close(refiner(x).cls, h.mean(1))
-    with pytest.raises(ValueError, match="depth must be a whole number >= 0"):
-        TokenRefiner(RefinerConfig(in_dim=16, hidden_size=8, num_heads=2, depth=-1))
-    with pytest.raises(ValueError, match="no blocks"):
-        RefinerBypass(refiner)
 
 
 def test_a_model_without_refiner_blocks_trains_saves_and_generates_differently(tmp_path):

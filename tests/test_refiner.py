@@ -1,5 +1,5 @@
 """The bidirectional token refiner (ovis_u1/refiner.py) on the tiny preset: shapes, gradients, padding,
-adaLN-Zero at init, no timestep input."""
+adaLN-Zero at init, no timestep input, and no blocks at all (depth 0)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import missing_grads, perturb
 
-from ovis_u1.config import get_preset
+from ovis_u1.config import RefinerConfig, get_preset
 from ovis_u1.refiner import TokenRefiner
 
 
@@ -69,3 +69,25 @@ def test_refiner_has_no_timestep(cfg, refiner):
     x = torch.randn(1, 4, cfg.in_dim)
     with torch.no_grad():
         torch.testing.assert_close(refiner(x).tokens, refiner(x).tokens, atol=0, rtol=0)
+
+
+def test_refiner_without_blocks_hands_over_the_projection_and_its_mean():
+    """depth 0, the ablation studies' arm: the input projection, and its masked mean for the pooled vector."""
+    torch.manual_seed(0)
+    refiner = TokenRefiner(RefinerConfig(in_dim=16, hidden_size=8, num_heads=2, depth=0))
+    names = {n for n, _ in refiner.named_parameters()}
+    assert names == {"input_embedder.weight", "input_embedder.bias"}  # no gates, no CLS left untrained
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    out = refiner(x, mask, return_attention=True)
+    h = refiner.input_embedder(x)
+    assert torch.equal(out.tokens, h)
+    torch.testing.assert_close(out.cls, torch.stack([h[0].mean(0), h[1, :3].mean(0)]))
+    assert out.gates == [] and out.attention == []
+    # Padding does not move the pooled vector; without a mask every token counts.
+    x2 = x.clone()
+    x2[1, 3:] = 100.0
+    torch.testing.assert_close(refiner(x2, mask).cls, out.cls)
+    torch.testing.assert_close(refiner(x).cls, h.mean(1))
+    with pytest.raises(ValueError, match="depth must be a whole number >= 0"):
+        TokenRefiner(RefinerConfig(in_dim=16, hidden_size=8, num_heads=2, depth=-1))
