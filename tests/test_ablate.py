@@ -1,6 +1,6 @@
 """The ablation studies: a model whose refiner has no blocks (depth 0) trains and generates; the
 study driver composes, trains, scores, skips finished runs and resumes a killed one; the statistics on data
-with known answers; notebook 06 runs from the committed results. Tiny preset, a few steps."""
+with known answers. Tiny preset, a few steps."""
 
 from __future__ import annotations
 
@@ -234,15 +234,3 @@ def test_study_summary_from_result_files(tmp_path):
     _record(tmp_path, "off", 3, [1] * 4, ["a", "b"] * 2)
     with pytest.raises(ValueError, match="other vqa samples"):
         st.study_summary(tmp_path, "toy")
-
-
-# ---- notebook 06 -------------------------------------------------------------------------------------------
-def test_notebook_06_runs_from_the_committed_results():
-    from tests.test_notebooks import execute
-    results = ROOT / "docs" / "ablations"
-    assert any(results.glob("*/*_seed*.json")), "no committed ablation results"
-    nb, _ = execute(ROOT / "notebooks" / "06_ablations.ipynb")
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    for study in ("refiner", "unified"):
-        if any((results / study).glob("*_seed*.json")):
-            assert study in text
