@@ -118,7 +118,6 @@ def test_answer_sampling_and_cache(tiny_model, two_images):
     state = torch.get_rng_state()
     tiny_model.answer(q, images=a, seed=3, **kw)
     assert torch.equal(torch.get_rng_state(), state)  # a seeded answer leaves the caller's RNG alone
-    assert "".join(tiny_model.answer(q, images=a, seed=1, stream=True, **kw)) == s1
     assert tiny_model.answer(q, images=a, use_cache=False) == tiny_model.answer(q, images=a, use_cache=True)
     for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"temperature": float("nan")}):
         with pytest.raises(ValueError):

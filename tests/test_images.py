@@ -109,31 +109,20 @@ def test_generation_image_is_capped_and_kept_when_small_enough():
 # ---------------------------------------------------------------- load_image errors
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(IM.ImageInputError, match="does not exist"):
-        IM.load_image(tmp_path / "nope.png")
-
-
-def test_empty_file_and_bytes(tmp_path):
-    empty = tmp_path / "empty.png"
-    empty.write_bytes(b"")
-    with pytest.raises(IM.ImageInputError, match="0 bytes"):
-        IM.load_image(empty)
-    with pytest.raises(IM.ImageInputError, match="0 bytes"):
-        IM.load_image(b"")
-
-
-def test_corrupt_bytes():
-    with pytest.raises(IM.ImageInputError, match="not a readable image"):
-        IM.load_image(b"this is not an image at all")
-
-
-def test_truncated_png(tmp_path):
+@pytest.mark.parametrize("kind, message", [
+    ("missing file", "does not exist"), ("empty file", "0 bytes"), ("empty bytes", "0 bytes"),
+    ("corrupt bytes", "not a readable image"), ("truncated file", "truncated"),
+    ("unreadable file", "could not be read"),  # an OSError while reading: an I/O error, no permission
+])
+def test_unreadable_sources_are_image_input_errors(tmp_path, kind, message):
     data = png_bytes(random_image(64, 64))
-    path = tmp_path / "cut.png"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(IM.ImageInputError, match="truncated"):
-        IM.load_image(path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    sources = {"missing file": tmp_path / "nope.png", "empty file": tmp_path / "empty.png", "empty bytes": b"",
+               "corrupt bytes": b"this is not an image at all", "truncated file": tmp_path / "cut.png",
+               "unreadable file": "/proc/self/mem"}
+    with pytest.raises(IM.ImageInputError, match=message):
+        IM.load_image(sources[kind])
 
 
 def test_decompression_bombs():
@@ -222,9 +211,3 @@ def test_exif_orientation_applied(tmp_path):
         out = IM.load_image(src)
         assert out.size == (20, 40)  # portrait, as displayed
         assert np.array_equal(np.asarray(out), np.asarray(upright))
-
-
-def test_unreadable_image_files_are_an_image_input_error(tmp_path):
-    """An OSError while reading (an I/O error like /proc/self/mem's, no permission) names the file."""
-    with pytest.raises(IM.ImageInputError, match="could not be read"):
-        IM.load_image("/proc/self/mem")
