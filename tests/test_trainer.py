@@ -115,8 +115,8 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
     # With a weight average on, so the resumed run must also carry the average on exactly.
     stage = ["only_stages=[stage0]", "stages.stage0.steps=24", "stages.stage0.ema=0.9", "ckpt_every=4",
              "log_every=1"]
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(f"out_dir={ref}", *stage), check=True, env=_env(), cwd=ROOT, capture_output=True)
+    ref = tmp_path / "ref"  # uninterrupted, in this process (the killed run needs a process of its own)
+    train(resolve("smoke", [f"out_dir={ref}", "progress=false", "threads=1", *stage]))
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(f"out_dir={killed}", *stage), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
