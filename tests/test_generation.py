@@ -282,8 +282,8 @@ def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def test_every_kind_of_image_source_reaches_edit_and_answer(tiny_model):
-    """Paths, bytes, numpy arrays and PIL images in any mode: load_image makes them RGB (test_images.py
-    checks each mode); here they go all the way through both entry points."""
+    """Encoded bytes, numpy arrays and PIL images in other modes: load_image makes them RGB (test_images.py
+    checks each mode and source); here they go all the way through both entry points."""
     rgb = random_image(40, 56, seed=9)
     sources = {"P": rgb.convert("P"), "RGBA": random_image(40, 56, mode="RGBA"),
                "CMYK jpeg": _encoded(rgb.convert("CMYK"), "JPEG"), "numpy": np.asarray(rgb),
