@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ovis_u1.images import preprocess_image
 from ovis_u1.model import OvisU1
 from ovis_u1.tokenizer import build_tokenizer, default_corpus
 
@@ -32,6 +33,12 @@ def perturb(module: torch.nn.Module, std: float = 0.05, seed: int = 1) -> torch.
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return module
+
+
+def missing_grads(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of the parameters (outside `skip` prefixes) that got no gradient or an all-zero one."""
+    return [n for n, p in module.named_parameters()
+            if not n.startswith(skip) and (p.grad is None or not p.grad.abs().sum() > 0)]
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +77,14 @@ def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> I
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     a = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
     return Image.fromarray(a[..., 0] if channels == 1 else a)
+
+
+def patches_of(model: OvisU1, *images: Image.Image):
+    """Images -> (list of per-image patch tensors, grids), through the processor with the model's config."""
+    c = model.config
+    out = [preprocess_image(im, c.vision.patch_size, c.adapter.hidden_stride, c.adapter.min_pixels,
+                            c.adapter.max_pixels, c.adapter.image_mean, c.adapter.image_std) for im in images]
+    return [p for p, _ in out], [g for _, g in out]
 
 
 def png_bytes(image: Image.Image, **save_kwargs) -> bytes:

@@ -124,12 +124,11 @@ def capability_flow(page) -> str:
     return note.inner_text()
 
 
-def bad_upload_flow(page, files: dict[str, Path], broken: Path) -> str:
-    """One answered turn, then a message with an unreadable attachment: returns the error toast's text.
+def bad_upload_flow(page, broken: Path) -> str:
+    """A message with an unreadable attachment (after an answered turn): returns the error toast's text.
 
     The refused message must leave the chat as it was and keep the question and attachment in the box.
     """
-    chat_flow(page, [files["vqa"]], QUESTION)
     page.locator("#chat-input input[type=file]").set_input_files(str(broken))
     box = page.locator("#chat-input textarea")
     box.fill(BAD_QUESTION)
@@ -192,8 +191,7 @@ def main(argv=None) -> None:
             print(save_screenshot(page, args.out / "capabilities.png", full_page=False))
             chat_flow(page, [files["vqa"]], QUESTION)
             print(save_screenshot(page, args.out / "understand.png"))
-            page = open_app(browser, url, "Understand")
-            bad_upload_flow(page, files, files["broken"])
+            bad_upload_flow(page, files["broken"])
             print(save_screenshot(page, args.out / "error_kept_chat.png"))
             # The model's own default steps (30) here: these pictures show what it makes.
             page = open_app(browser, url, "Create")

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ovis_u1.ablation import RefinerBypass, refiner_bypassed
-from ovis_u1.model import OvisU1
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A tiny model with every parameter nudged: at init the refiner's zero gates make it an identity."""
-    torch.manual_seed(0)
-    model = OvisU1.from_preset("tiny").eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+from ovis_u1.refiner import TokenRefiner
 
 
 def test_bypass_outputs(tiny_model):
@@ -35,6 +26,8 @@ def test_bypass_outputs(tiny_model):
     assert not torch.allclose(ref.tokens, embedded)  # the perturbed refiner does move the tokens
     with pytest.raises(ValueError, match="cls must be one of"):
         RefinerBypass(refiner, cls="zero")
+    with pytest.raises(ValueError, match="no blocks"):  # depth 0 has nothing to bypass
+        RefinerBypass(TokenRefiner(dataclasses.replace(tiny_model.config.refiner, depth=0)))
 
 
 def test_bypass_changes_generation_and_restores(tiny_model):

@@ -82,24 +82,18 @@ def test_edit_twice_in_the_browser(browser, url, files, tmp_path):
     check_screenshot(save_screenshot(page, tmp_path / "edit.png"))
 
 
-def test_one_chat_turn_in_the_browser(browser, url, files, tmp_path):
-    page = open_app(browser, url, "Understand")
-    reply = chat_flow(page, [files["vqa"]], QUESTION)
-    assert reply  # the model's answer, or the app's note that it was empty
-    check_screenshot(save_screenshot(page, tmp_path / "understand.png"))
-
-
-def test_the_page_opens_with_what_the_model_can_do(browser, url, tmp_path):
+def test_understand_tab_capabilities_a_chat_turn_and_a_refused_upload(browser, url, files, tmp_path):
+    """One page load, as a user goes: read what the model can do, ask about an image, then send an unreadable
+    file, which must leave the chat as it was."""
     page = open_app(browser, url, "Understand")
     note = capability_flow(page)
     for figure in ("0.761", "0.556", "0.306", "chance", "64x64"):
         assert figure in note
     check_screenshot(save_screenshot(page, tmp_path / "capabilities.png", full_page=False))
-
-
-def test_a_bad_upload_shows_a_message_and_keeps_the_chat(browser, url, files, tmp_path):
-    page = open_app(browser, url, "Understand")
-    bad_upload_flow(page, files, files["broken"])
+    reply = chat_flow(page, [files["vqa"]], QUESTION)
+    assert reply  # the model's answer, or the app's note that it was empty
+    check_screenshot(save_screenshot(page, tmp_path / "understand.png"))
+    bad_upload_flow(page, files["broken"])
     # The earlier turn is still on screen, and the refused question and its attachment are still in the box.
     assert QUESTION in page.locator("#chat").inner_text()
     assert page.locator("#chat [data-testid=bot]").count() == 1

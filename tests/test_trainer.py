@@ -115,8 +115,8 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
     # With a weight average on, so the resumed run must also carry the average on exactly.
     stage = ["only_stages=[stage0]", "stages.stage0.steps=24", "stages.stage0.ema=0.9", "ckpt_every=4",
              "log_every=1"]
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(f"out_dir={ref}", *stage), check=True, env=_env(), cwd=ROOT, capture_output=True)
+    ref = tmp_path / "ref"  # uninterrupted, in this process (the killed run needs a process of its own)
+    train(resolve("smoke", [f"out_dir={ref}", "progress=false", "threads=1", *stage]))
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(f"out_dir={killed}", *stage), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,26 +269,6 @@ def test_preset_overrides_change_the_built_model(tmp_path):
     from train.trainer import build_model
     model = build_model(args, TaskData(args.data))
     assert len(model.refiner.individual_token_refiner.blocks) == 1
-
-
-def test_own_jsonl_data_with_bad_records(tmp_path):
-    from ovis_u1.shapes import ShapesWorld, write_jsonl
-    world = ShapesWorld()
-    folder = tmp_path / "data"
-    path = write_jsonl([world.t2i(i) for i in range(4)] + [world.vqa(i) for i in range(3)]
-                       + [world.edit(i) for i in range(3)], folder)
-    with open(path, "a") as f:
-        f.write("{not json\n")
-        f.write(json.dumps({"type": "t2i", "image": "missing.png", "caption": "a red circle"}) + "\n")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG garbage")
-    with open(path, "a") as f:
-        f.write(json.dumps({"type": "t2i", "image": "corrupt.png", "caption": "a red circle"}) + "\n")
-    out = tmp_path / "run"
-    args = resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", f"data.source={path}",
-                             "only_stages=[stage0,stage3,stage5]"])
-    with pytest.warns(UserWarning, match="skipped"):
-        train(args)
-    assert (out / "final" / "model.safetensors").exists()
 
 
 def test_lora_merge_keeps_outputs(make_tiny):
@@ -694,17 +674,26 @@ def test_own_data_is_scanned_lazily_resized_and_skips_what_it_cannot_use(tmp_pat
     assert all(max(im.size) == 32 for s in vqa for im in s.images)
 
 
-def test_own_data_of_mixed_sizes_trains_every_stage_that_uses_it(tmp_path):
+def test_own_data_with_bad_records_and_mixed_sizes_trains_every_stage_that_uses_it(tmp_path):
+    """Own JSONL data for each task, with an image of another size, a line that is not JSON, a missing image
+    (both skipped when scanned, with a warning) and a corrupt one (skipped when drawn): every stage that
+    reads it trains and the model is exported."""
     from ovis_u1.shapes import ShapesWorld, write_jsonl
     world = ShapesWorld()
     folder = tmp_path / "data"
-    path = write_jsonl([world.t2i(i) for i in range(3)] + [world.edit(i) for i in range(2)], folder)
+    path = write_jsonl([world.t2i(i) for i in range(3)] + [world.vqa(i) for i in range(3)]
+                       + [world.edit(i) for i in range(2)], folder)
     world.t2i(7).image.resize((80, 80)).save(folder / "odd.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG garbage")
     with open(path, "a") as f:
-        f.write(json.dumps({"type": "edit", "source": "odd.png", "instruction": "keep it", "target": "odd.png"}))
+        f.write(json.dumps({"type": "edit", "source": "odd.png", "instruction": "keep it", "target": "odd.png"}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"type": "t2i", "image": "missing.png", "caption": "a red circle"}) + "\n")
+        f.write(json.dumps({"type": "t2i", "image": "corrupt.png", "caption": "a red circle"}) + "\n")
     out = tmp_path / "run"
-    train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", f"data.source={path}",
-                            "only_stages=[stage5]", "stages.stage5.steps=3", "stages.stage5.batch_size=6"]))
+    with pytest.warns(UserWarning, match="skipped"):
+        train(resolve("smoke", [f"out_dir={out}", "progress=false", "threads=1", f"data.source={path}",
+                                "only_stages=[stage3,stage5]", "stages.stage5.steps=3", "stages.stage5.batch_size=6"]))
     assert (out / "final" / "model.safetensors").exists()
 
 
