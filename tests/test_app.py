@@ -4,7 +4,7 @@ What is the app's own: each named endpoint passes its arguments to the package (
 package's, called directly on the same model), progress and streaming reach the client, sessions keep their
 own state and never mix, bad input comes back as a readable message naming the field while the server keeps
 serving, uploads are bounded and cleaned up. What the images or answers are is the package's to test
-(test_generation_and_chat.py). Plus the parts that need no server: the edit chain's state across a ZeroGPU
+(test_generation.py, test_chat.py). Plus the parts that need no server: the edit chain's state across a ZeroGPU
 call, size presets, error conversion, the loader shared with the CLI, and the hosted-Space entry point
 built around a tiny injected model.
 """

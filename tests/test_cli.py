@@ -2,7 +2,7 @@
 
 What is the CLI's own: flags reach the package call, images land in files named by seed, answers on stdout,
 every mistake one line on stderr with exit code 2, and a checkpoint named as the app names it. What the
-images and answers are is the package's to test (test_generation_and_chat.py).
+images and answers are is the package's to test (test_generation.py, test_chat.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def assert_one_line_error(err: str, *words: str) -> None:
 @pytest.fixture
 def calls(monkeypatch):
     """What each model method the CLI called was given, the call itself running as usual: the flags'
-    effect on images is the package's to test (test_generation_and_chat.py), their plumbing the CLI's."""
+    effect on images is the package's to test (test_generation.py, test_chat.py), their plumbing the CLI's."""
     from ovis_u1 import OvisU1
     seen = {}
 
