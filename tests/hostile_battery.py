@@ -320,8 +320,8 @@ def two_trainers():
     d = TMP / "two"
     d.mkdir()
     try:
-        from train.trainer import _lock_run
-        h = _lock_run(d)
+        from train.trainer import lock_run
+        h = lock_run(d)
     except ImportError:
         h = None  # no lock in this tree: a second trainer just runs
     code, lines, _ = tmain(f"out_dir={d}", *S0)

@@ -329,7 +329,7 @@ def test_an_added_object_may_go_anywhere_but_the_rest_must_stay():
     spot is one random choice); every object the edit should keep must still be where it was."""
     import dataclasses
 
-    from ovis_u1.shapes.world import _fits
+    from ovis_u1.shapes.world import fits_on_canvas
     world = ShapesWorld(seed=3, split="heldout")
     for i in range(12):
         source, _, target = world.edit_scenes(i, "add")
@@ -338,13 +338,14 @@ def test_an_added_object_may_go_anywhere_but_the_rest_must_stay():
         assert len(free) == 1 and all(unplaced_objects(k, source, target) == () for k in EDIT_KINDS if k != "add")
         new, kept = target.objects[free[0]], [o for o in target.objects if o in source.objects]
         spots = [dataclasses.replace(new, cx=x, cy=y) for x in range(12, 53, 4) for y in range(12, 53, 4)]
-        elsewhere = next(o for o in spots if _fits(o, kept, 64) and max(abs(o.cx - new.cx), abs(o.cy - new.cy)) > 16)
+        elsewhere = next(o for o in spots
+                         if fits_on_canvas(o, kept, 64) and max(abs(o.cx - new.cx), abs(o.cy - new.cy)) > 16)
         moved_new = read_scene(Scene([*kept, elsewhere], 64).render()).scene
         assert scenes_match(moved_new, target, free=free) and not scenes_match(moved_new, target)
         assert edit_success([Scene([*kept, elsewhere], 64).render()], [target], free=[free])["value"] == 1.0
         # An object the edit should have kept, moved by more than the tolerance, fails either way.
         shifted = [dataclasses.replace(o, cx=64 - o.cx) if abs(64 - 2 * o.cx) > 16 else o for o in kept]
-        if shifted != kept and all(_fits(o, [p for p in [*shifted, new] if p is not o], 64) for o in shifted):
+        if shifted != kept and all(fits_on_canvas(o, [p for p in [*shifted, new] if p is not o], 64) for o in shifted):
             moved_kept = read_scene(Scene([*shifted, new], 64).render()).scene
             assert not scenes_match(moved_kept, target, free=free)
 

@@ -536,10 +536,10 @@ def test_empty_or_useless_data_source(tmp_path, capsys):
 
 
 def test_two_trainers_and_a_fresh_run_never_share_a_run_folder(tmp_path):
-    from train.trainer import RunError, _lock_run
+    from train.trainer import RunError, lock_run
     out = tmp_path / "run"
     out.mkdir()
-    held = _lock_run(out)  # as a running trainer holds it
+    held = lock_run(out)  # as a running trainer holds it
     try:
         with pytest.raises(RunError, match=rf"another trainer \(pid {os.getpid()}\) is running in"):
             train(resolve("smoke", _stage0(out)))

@@ -324,7 +324,7 @@ def train(args: TrainArgs, resume: bool = False) -> Path:
     if main:
         with _writing(out_dir, "create the run folder"):
             out_dir.mkdir(parents=True, exist_ok=True)
-            lock = _lock_run(out_dir)
+            lock = lock_run(out_dir)
             _check_fresh_or_resumed(out_dir, resume)
             try:  # the export comes last: a target it cannot replace must stop the run now, not hours later
                 check_save_target(Path(args.export) if args.export else out_dir / "final")
@@ -483,7 +483,7 @@ def _truncate_log(path: Path, global_step: int) -> None:
 
 
 # ---- guarding the run --------------------------------------------------------------------------------------
-def _lock_run(out_dir: Path):
+def lock_run(out_dir: Path):
     """Hold an exclusive lock on out_dir for the whole run: two trainers must not interleave one log and
     one set of checkpoints. The kernel drops the lock when the process dies, so a killed run leaves none."""
     handle = open(out_dir / ".lock", "a+")

@@ -245,7 +245,8 @@ def _apart(a: Obj, b: Obj, gap: int) -> bool:
     return abs(a.cx - b.cx) >= reach or abs(a.cy - b.cy) >= reach
 
 
-def _fits(obj: Obj, others: list[Obj], canvas: int) -> bool:
+def fits_on_canvas(obj: Obj, others: list[Obj], canvas: int) -> bool:
+    """Whether `obj` lies inside the canvas's margin and keeps the world's gap to each of `others`."""
     lo, hi = _gap(canvas) + obj.size / 2, canvas - _gap(canvas) - obj.size / 2
     inside = lo <= obj.cx <= hi and lo <= obj.cy <= hi
     return inside and all(_apart(obj, o, _gap(canvas)) for o in others)
@@ -261,7 +262,7 @@ def _layout(rng: np.random.Generator, canvas: int, kinds: list[tuple[str, str, i
             side = lo if attempt >= attempts // 2 else side  # a crowded canvas: fall back to small objects
             for _ in range(50):
                 obj = _random_obj(rng, canvas, shape, color, side)
-                if _fits(obj, objs, canvas):
+                if fits_on_canvas(obj, objs, canvas):
                     objs.append(obj)
                     break
             else:
@@ -511,7 +512,7 @@ def _edit(rng, size, kind):
         side = _random_side(rng, size)
         for _ in range(50):
             new = _random_obj(rng, size, shape, color, side)
-            if _fits(new, src.objects, size):
+            if fits_on_canvas(new, src.objects, size):
                 return src, f"add {phrase(shape, color)}", Scene([*src.objects, new], size)
         return None
     i = int(rng.integers(len(src.objects)))
@@ -532,7 +533,7 @@ def _edit(rng, size, kind):
         edge = _gap(size) + obj.size / 2 if side in ("left", "top") else size - _gap(size) - obj.size / 2
         moved = dataclasses.replace(obj, **{"cx" if side in ("left", "right") else "cy": edge})
         others = [o for j, o in enumerate(src.objects) if j != i]
-        if abs(moved.cx - obj.cx) + abs(moved.cy - obj.cy) < size / 4 or not _fits(moved, others, size):
+        if abs(moved.cx - obj.cx) + abs(moved.cy - obj.cy) < size / 4 or not fits_on_canvas(moved, others, size):
             return None
         return src, f"move {ref} to the {side}", _with(src, i, moved)
     raise ValueError(f"unknown edit kind {kind!r}")
