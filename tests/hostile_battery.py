@@ -400,8 +400,8 @@ def own_data(kind):
     elif kind == "nested":
         extra = b"[" * 100_000
     elif kind == "169MP":
-        from test_trainer import _png_header_only
-        _png_header_only(folder / "bomb.png", 13000, 13000)
+        from tests.web_battery import png_header_only
+        (folder / "bomb.png").write_bytes(png_header_only(13000, 13000))
         extra = json.dumps({"type": "t2i", "image": "bomb.png", "caption": "b"}).encode()
     with open(path, "ab") as f:
         f.write(extra + b"\n")

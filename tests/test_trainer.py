@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ovis_u1.model import OvisU1
+from tests.web_battery import png_header_only
 from train.config import resolve
 from train.stages import PAPER_STAGES, StageArgs
 from train.trainer import latest_checkpoint, save_checkpoint, set_trainable, train
@@ -621,19 +622,6 @@ def test_full_or_read_only_out_folder_is_one_line(tmp_path, capsys, monkeypatch)
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
 
 
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height over a few bytes of pixel data: what a decompression bomb
-    shows a reader that looks at the header."""
-    import struct
-    import zlib
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-
-
 def test_own_data_is_scanned_lazily_resized_and_skips_what_it_cannot_use(tmp_path):
     from PIL import Image
 
@@ -647,7 +635,7 @@ def test_own_data_is_scanned_lazily_resized_and_skips_what_it_cannot_use(tmp_pat
                        + [world.vqa(i) for i in range(2)], folder)
     world.t2i(9).image.resize((80, 80)).save(folder / "odd.png")  # one image of another size
     Image.new("1", (8000, 8000), 1).save(folder / "huge.png")  # 64 MP, a few KB on disk
-    _png_header_only(folder / "bomb.png", 13000, 13000)  # 169 MP
+    (folder / "bomb.png").write_bytes(png_header_only(13000, 13000))  # 169 MP
     Image.new("RGB", (64, 64), "red").save(folder / "whole.png")
     (folder / "torn.png").write_bytes((folder / "whole.png").read_bytes()[:60])  # header fine, data cut
     lines = [json.dumps({"type": "t2i", "image": "odd.png", "caption": "an odd size"})]
