@@ -120,7 +120,9 @@ def test_study_resumes_a_killed_run_and_skips_finished_ones(tmp_path, tiny_sourc
     records = st.load_study(paths.results, "refiner")
     assert [(r["arm"], r["seed"]) for r in records] == [("published", 0), ("none", 0)]
     r = records[0]
-    assert r["command"] == "python -m train.ablate --study refiner --seeds 0"
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in {**TINY_STUDY, "step_scale": 0.02}.items())
+    assert r["command"] == (f"python -m train.ablate --study refiner --seeds 0 --source {tiny_source}{flags} "
+                            f"--results {paths.results} --runs {paths.runs}")
     assert len(r["samples"]["geneval"]["value"]) == 6 and len(r["samples"]["t2i_loss"]["value"]) == 7
     assert records[1]["config_changes"] == {"refiner.depth": 0}
     assert r["samples"]["t2i_loss"]["value"] != records[1]["samples"]["t2i_loss"]["value"]

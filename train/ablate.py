@@ -269,6 +269,18 @@ def fresh_components(study: str, part: str, settings: Settings) -> tuple[str, ..
     return fresh
 
 
+def reproduce_command(study: str, seed: int, settings: Settings, paths: Paths) -> str:
+    """The command that runs this seed of the study again: the folders and the settings that differ from
+    the defaults (the ones a rerun would otherwise read from the folder's settings.json)."""
+    parts = [f"python -m train.ablate --study {study} --seeds {seed}"]
+    parts += [f"--{f.name.replace('_', '-')} {getattr(settings, f.name)}" for f in dataclasses.fields(Settings)
+              if getattr(settings, f.name) != f.default]
+    default = Paths()
+    parts += [f"--results {paths.results}"] * (paths.results != default.results)
+    parts += [f"--runs {paths.runs}"] * (paths.runs != default.runs)
+    return " ".join(parts)
+
+
 def result_path(paths: Paths, study: str, arm: str, seed: int) -> Path:
     return paths.results / study / f"{arm}_seed{seed}.json"
 
@@ -301,7 +313,7 @@ def run_one(study: str, arm: str, seed: int, settings: Settings, paths: Paths, t
               "shared_prefix": ([dataclasses.asdict(s) for s in stages.get("prefix", [])],
                                 {"source": settings.source, "fresh": list(FRESH.get((study, "prefix"), ()))}),
               "fresh_per_seed": list(fresh), "settings": dataclasses.asdict(settings),
-              "command": f"python -m train.ablate --study {study} --seeds {seed}",
+              "command": reproduce_command(study, seed, settings, paths),
               "seconds": {"train": round(t_train), "score": round(time.perf_counter() - t1)},
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "samples": samples}
     result.parent.mkdir(parents=True, exist_ok=True)
