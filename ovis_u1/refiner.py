@@ -80,6 +80,15 @@ class RefinerBlock(nn.Module):
         return x, weights, (gate_msa, gate_mlp)
 
 
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, L, C] -> [B, C] in float32: the mean over the real tokens (mask [B, L], True = real), so padding
+    does not move it; all tokens when there is no mask."""
+    if mask is None:
+        return x.float().mean(dim=1)
+    m = mask.to(torch.float32)[..., None]
+    return (x.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
 class TokenRefiner(nn.Module):
     def __init__(self, cfg: RefinerConfig):
         super().__init__()
@@ -123,12 +132,7 @@ class TokenRefiner(nn.Module):
         if not self.cfg.depth:
             return self._without_blocks(x, mask, return_attention)
         # Context vector: mean of the raw condition over the real tokens only, so padding does not move it.
-        if mask is None:
-            pooled = x.float().mean(dim=1)
-        else:
-            m = mask.to(torch.float32)[..., None]
-            pooled = (x.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-        c = self.c_embedder(pooled.to(x.dtype))  # [B, C]
+        c = self.c_embedder(masked_mean(x, mask).to(x.dtype))  # [B, C]
 
         h = self.input_embedder(x)  # [B, L, C]
         h = torch.cat([self.cls_token.to(h.dtype).expand(b, -1, -1), h], dim=1)  # [B, 1+L, C]
@@ -151,9 +155,5 @@ class TokenRefiner(nn.Module):
     def _without_blocks(self, x: Tensor, mask: Tensor | None, return_attention: bool) -> RefinerOutput:
         """depth 0: the projected tokens, and their mean over the real tokens in place of the refined CLS."""
         h = self.input_embedder(x)  # [B, L, C]
-        if mask is None:
-            cls = h.mean(dim=1)
-        else:
-            m = mask.to(h.dtype)[..., None]
-            cls = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        cls = masked_mean(h, mask).to(h.dtype)
         return RefinerOutput(tokens=h, cls=cls, mask=mask, attention=[] if return_attention else None, gates=[])

@@ -7,8 +7,9 @@
 refiner: the token refiner as published (2 blocks) against none (depth 0: the decoder gets the refiner's
     input projection of the condition and its masked mean in place of the refined CLS). Both arms start
     from the shipped model's VAE, visual tokenizer and LLM (frozen while the generator trains, so what the
-    text preparation made of it is shared), with the refiner and decoder initialised afresh per seed, and
-    train text-to-image alone. Scored on mini-GenEval and a held-out denoising loss.
+    text preparation made of it is shared), with the refiner initialised afresh per seed and the decoder
+    either afresh too (decoder_start "fresh") or the shipped one (decoder_start "source"), and train
+    text-to-image alone. Scored on mini-GenEval and a held-out denoising loss.
 unified: stages 1-2 on understanding, text-to-image and editing (the paper's recipe) against stages 1-2
     on understanding alone, both from one shared prefix (the default recipe up to stage 0, with the shipped
     VAE and visual tokenizer, which the recipe freezes after preparing them) and followed by the same
@@ -17,8 +18,8 @@ unified: stages 1-2 on understanding, text-to-image and editing (the paper's rec
 A run's seed drives everything arm-specific (fresh weights, data order, noise); the shared prefix is one
 draw. Each run lives in runs/ablate/<study>/<arm>_seed<k> (a recipe the trainer resumes with --resume);
 its scores, one figure per held-out sample so the statistics can resample samples as well as seeds, go to
-docs/ablations/<study>/<arm>_seed<k>.json, which is what marks the run finished. The statistics are in
-train.ablation_stats; docs/ablations.md and notebooks/06_ablations.ipynb present them.
+<results>/<study>/<arm>_seed<k>.json (results: docs/ablations by default), which marks the run finished.
+The statistics are in train.ablation_stats; docs/ablations.md and notebooks/06_ablations.ipynb present them.
 """
 
 from __future__ import annotations
